@@ -1,0 +1,339 @@
+"""``AvatarDiT``: the Wan2.1 diffusion transformer with audio cross-attention, reference conditioning and a
+block-causal mode.
+
+Token layout: a latent video ``[B, C, F, H, W]`` becomes ``F * h * w`` tokens (``h = H / patch_h``,
+``w = W / patch_w``), frame-major. With ``reference="sink"`` the reference latent's tokens are prepended; they
+carry timestep 0, see only themselves, and are dropped from the output. Every frame has its own timestep, so
+``t`` may be ``[B]`` (one level for the clip) or ``[B, F]`` (Diffusion Forcing, streaming).
+
+The forward is split into stages (:meth:`embed_video`, :meth:`time_modulation`, :meth:`embed_text`,
+:meth:`embed_audio`, blocks, :meth:`unpatchify`) so that the streaming engine reuses them with its own
+self-attention (a KV cache) through the ``attention`` callable each block receives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .attention import AudioCrossAttention, CrossAttention, FP32LayerNorm, RMSNorm, SelfAttention, attend
+from .audio import AudioProjection
+from .config import DiTConfig
+from .rope import RotaryTable
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: ``cat(cos, sin)`` of ``t * 10000 ** (-i / (dim / 2))`` computed in float64.
+
+    ``t`` any shape -> ``[*t.shape, dim]`` float32.
+    """
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
+
+
+class SelfAttentionFn(Protocol):
+    """How a block's self-attention is computed: given the block index and un-rotated ``q, k, v``
+    ``[B, L, H, D]``, return ``[B, L, H * D]`` (before the output projection)."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class FullSequenceAttention:
+    """Self-attention over the whole token sequence with one RoPE table and an optional boolean mask."""
+
+    rope: RotaryTable
+    mask: torch.Tensor | None = None
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(self.rope.rotate(q), self.rope.rotate(k), v, self.mask)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with one ``shift``/``scale`` ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]``."""
+    b, n, d = x.shape
+    xf = x.float().reshape(b, frames, n // frames, d)
+    return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(b, n, d).type_as(x)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor, frames: int) -> torch.Tensor:
+    """``x * g`` with one gate ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]`` (float32)."""
+    b, n, d = x.shape
+    return (x.float().reshape(b, frames, n // frames, d) * g[:, :, None]).reshape(b, n, d)
+
+
+class DiTBlock(nn.Module):
+    """Wan2.1 attention block (``blocks.N``) plus an optional per-latent-frame audio cross-attention."""
+
+    def __init__(self, cfg: DiTConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, qk_norm=cfg.qk_norm, eps=cfg.eps)
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.audio_attn = (
+            AudioCrossAttention(cfg.dim, cfg.num_heads, cfg.audio_dim, cfg.eps)
+            if cfg.has_audio and index in cfg.audio_blocks
+            else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        attention: SelfAttentionFn,
+        audio: torch.Tensor | None = None,
+        audio_offset: int = 0,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: ``[B, L, dim]`` tokens of ``F`` frames (``L = F * T``).
+            e: ``[B, F, 6, dim]`` per-frame time modulation (float32).
+            context: ``[B, S, dim]`` embedded text.
+            attention: computes self-attention from un-rotated ``q, k, v`` (full sequence or KV cache).
+            audio: ``[B, F_audio, A, audio_dim]`` audio tokens of the last ``F_audio`` frames of ``x``
+                (the first ``audio_offset`` tokens, the reference sink, get none).
+        """
+        frames = e.shape[1]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float()[:, None] + e).unbind(2)
+        q, k, v = self.self_attn.project(modulate(self.norm1(x), shift_sa, scale_sa, frames))
+        y = self.self_attn.o(attention(self.index, q, k, v))
+        x = x + gate(y, gate_sa, frames).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context)
+        if self.audio_attn is not None and audio is not None:
+            video = x[:, audio_offset:]
+            x = torch.cat([x[:, :audio_offset], video + self.audio_attn(video, audio, audio.shape[1])], dim=1)
+        y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff, frames))
+        return x + gate(y, gate_ff, frames).type_as(x)
+
+
+class Head(nn.Module):
+    """Output head (``head.head``, ``head.modulation``): modulated norm, then a linear map to patch pixels."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, L, dim]``, ``e`` ``[B, F, dim]`` time embedding -> ``[B, L, out_dim * prod(patch)]``."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale, e.shape[1]))
+
+
+class AvatarDiT(nn.Module):
+    """Causal audio-driven video DiT with the parameter names of Wan2.1's ``WanModel``."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([DiTBlock(cfg, i) for i in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        if cfg.reference == "concat":
+            # Adding a second patch embedding of the reference equals concatenating it on channels; it starts
+            # at zero so that a plain Wan checkpoint behaves exactly as before.
+            self.ref_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.audio_proj = AudioProjection(cfg) if cfg.has_audio else None
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _init_weights(self) -> None:
+        """Wan's initialisation: Xavier for linear layers and the patch embedding, normal(0.02) for the
+        embeddings, and a zero head (a fresh model predicts zeros); then the additions (:meth:`init_addition`)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for layer in seq:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        for name, module in self.named_modules():
+            if name == "audio_proj" or name == "ref_embedding" or name.endswith(".audio_attn"):
+                self.init_addition(name, module)
+
+    @staticmethod
+    @torch.no_grad()
+    def init_addition(name: str, module: nn.Module) -> None:
+        """Initialise one module this project adds to Wan2.1 so that its contribution starts at zero: the
+        reference embedding and the audio attention's output projection are zero, the rest is Xavier/identity."""
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Conv3d)):
+                nn.init.xavier_uniform_(sub.weight.flatten(1) if sub.weight.dim() > 2 else sub.weight)
+                nn.init.zeros_(sub.bias)
+            elif isinstance(sub, (nn.LayerNorm, RMSNorm)):
+                sub.reset_parameters() if isinstance(sub, nn.LayerNorm) else nn.init.ones_(sub.weight)
+        if isinstance(module, AudioProjection):
+            nn.init.zeros_(module.layer_weights)
+        if isinstance(module, AudioCrossAttention):
+            nn.init.zeros_(module.attn.o.weight)
+            nn.init.zeros_(module.attn.o.bias)
+        if name == "ref_embedding":
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: DiTConfig | None = None, **kwargs) -> "AvatarDiT":
+        """Load a Wan2.1-layout or diffusers-layout checkpoint (see :mod:`liveavatar.models.checkpoint`)."""
+        from .checkpoint import load_dit
+
+        return load_dit(path, config=config, **kwargs)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write the original Wan2.1 layout: ``config.json`` + ``diffusion_pytorch_model*.safetensors``."""
+        from .checkpoint import save_dit
+
+        save_dit(self, path, max_shard_bytes=max_shard_bytes)
+
+    # --------------------------------------------------------------------------------------------- stages
+    def token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Token rows and columns of a latent frame of size ``(H, W)``; raises if the patch does not divide it."""
+        _, ph, pw = self.config.patch_size
+        h, w = latent_hw
+        if h % ph or w % pw:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+        return h // ph, w // pw
+
+    def embed_video(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[B, C, F, H, W]`` -> tokens ``[B, F * h * w, dim]``; with ``reference="concat"`` the reference
+        ``[B, C, 1, H, W]`` is added to every frame."""
+        self.token_grid(x.shape[-2:])
+        if self.config.patch_size[0] != 1:
+            raise NotImplementedError("temporal patching (patch_size[0] > 1) is not supported by the streaming DiT")
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        if self.config.reference == "concat" and reference is not None:
+            tokens = tokens + self.ref_embedding(reference[:, :, :1].to(tokens.dtype))
+        return tokens.flatten(2).transpose(1, 2)
+
+    def embed_reference(self, reference: torch.Tensor) -> torch.Tensor:
+        """Sink tokens ``[B, R * h * w, dim]`` of the reference latent ``[B, C, R, H, W]``."""
+        return self.patch_embedding(reference.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` ``[B, F]`` -> time embedding ``[B, F, dim]`` (for the head) and block modulation ``[B, F, 6, dim]``,
+        both float32."""
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
+            e6 = self.time_projection(e.to(self.time_embedding[0].weight.dtype)).float().unflatten(-1, (6, self.config.dim))
+        return e, e6
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """``[B, S, text_dim]`` with ``S <= text_len`` -> ``[B, text_len, dim]``; zero-padded to ``text_len`` first,
+        as Wan2.1 does (the padded positions are attended to)."""
+        b, s, d = context.shape
+        if d != self.config.text_dim:
+            raise ValueError(f"text context has width {d}, the model expects text_dim={self.config.text_dim}")
+        if s > self.config.text_len:
+            raise ValueError(f"text context has {s} tokens, more than the model's text_len={self.config.text_len}")
+        if s < self.config.text_len:
+            context = torch.cat([context, context.new_zeros(b, self.config.text_len - s, d)], dim=1)
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+    def embed_audio(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
+        """Audio encoder features ``[B, video_frames, layers, feat]`` -> tokens ``[B, F, A, audio_dim]``."""
+        if self.audio_proj is None:
+            raise ValueError("this model has no audio modules (model.audio_dim = 0)")
+        return self.audio_proj(features, latent_frames)
+
+    def unpatchify(self, out: torch.Tensor, frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Head output ``[B, F * h * w, out_dim * pt * ph * pw]`` -> ``[B, out_dim, F, H, W]``."""
+        pt, ph, pw = self.config.patch_size
+        h, w = self.token_grid(latent_hw)
+        b = out.shape[0]
+        out = out.reshape(b, frames, h, w, pt, ph, pw, self.config.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, frames * pt, h * ph, w * pw)
+
+    def run_blocks(self, x, e6, context, attention: SelfAttentionFn, audio=None, audio_offset: int = 0):
+        """All blocks in order (a hook for gradient checkpointing and for the engine)."""
+        for block in self.blocks:
+            x = block(x, e6, context, attention, audio, audio_offset)
+        return x
+
+    # ---------------------------------------------------------------------------------------- full forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        audio: torch.Tensor | None = None,
+        causal: bool = False,
+        reference: torch.Tensor | None = None,
+        frame_pos: torch.Tensor | None = None,
+        reference_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full-sequence forward (training, and the reference for the streaming engine).
+
+        Args:
+            x: ``[B, C, F, H, W]`` noisy latents.
+            t: ``[B]`` or ``[B, F]`` timesteps in ``[0, 1000]``.
+            context: ``[B, S, text_dim]`` text embeddings (``S <= text_len``).
+            audio: ``[B, video_frames, layers, feat]`` audio encoder features of the clip
+                (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or None.
+            causal: block-causal attention over blocks of ``frames_per_block`` latent frames.
+            reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says).
+            frame_pos: ``[F]`` RoPE time positions of the frames (default ``0..F-1``).
+            reference_pos: ``[R]`` RoPE time positions of sink frames (default ``-R..-1``).
+        Returns:
+            ``[B, out_dim, F, H, W]`` predicted velocity (float32).
+        """
+        cfg = self.config
+        b, _, frames, hh, ww = x.shape
+        h, w = self.token_grid((hh, ww))
+        if t.dim() == 1:
+            t = t[:, None].expand(b, frames)
+        if t.shape != (b, frames):
+            raise ValueError(f"timesteps of shape {tuple(t.shape)} do not fit a batch of {b} clips of {frames} frames")
+        if frame_pos is None:
+            frame_pos = torch.arange(frames, device=x.device)
+
+        tokens = self.embed_video(x, reference)
+        sink_frames = 0
+        if cfg.reference == "sink" and reference is not None:
+            sink_frames = reference.shape[2]
+            if reference_pos is None:
+                reference_pos = torch.arange(-sink_frames, 0, device=x.device)
+            tokens = torch.cat([self.embed_reference(reference), tokens], dim=1)
+            t = torch.cat([t.new_zeros(b, sink_frames), t], dim=1)
+            frame_pos = torch.cat([reference_pos.to(frame_pos), frame_pos])
+
+        e, e6 = self.time_modulation(t)
+        rope = RotaryTable.for_grid(frame_pos, h, w, cfg.head_dim, cfg.rope_theta)
+        mask = self.attention_mask(frames, h * w, sink_frames, x.device) if causal else None
+        audio_tokens = self.embed_audio(audio, frames) if (audio is not None and self.audio_proj is not None) else None
+        out = self.run_blocks(
+            tokens, e6, self.embed_text(context), FullSequenceAttention(rope, mask), audio_tokens, sink_frames * h * w
+        )
+        out = self.head(out, e)[:, sink_frames * h * w :]
+        return self.unpatchify(out.float(), frames, (hh, ww))
+
+    def attention_mask(self, frames: int, tokens_per_frame: int, sink_frames: int, device) -> torch.Tensor:
+        """Boolean ``[L, L]`` block-causal mask (True = may attend). Frames are grouped in blocks of
+        ``frames_per_block``; a block sees itself and earlier blocks; sink frames form block ``-1``, which every
+        frame sees and which sees only itself."""
+        block = torch.arange(frames, device=device) // self.config.frames_per_block
+        block = torch.cat([torch.full((sink_frames,), -1, device=device), block]).repeat_interleave(tokens_per_frame)
+        return block[:, None] >= block[None, :]
+
+    def num_parameters(self, base_only: bool = False) -> int:
+        """Parameter count; ``base_only`` counts only the weights a Wan2.1 checkpoint has."""
+        from .checkpoint import is_addition
+
+        return sum(p.numel() for n, p in self.named_parameters() if not (base_only and is_addition(n)))
