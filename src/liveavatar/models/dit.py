@@ -248,9 +248,13 @@ class AvatarDiT(nn.Module):
         return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
     def embed_audio(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
-        """Audio encoder features ``[B, video_frames, layers, feat]`` -> tokens ``[B, F, A, audio_dim]``."""
+        """Audio encoder features -> tokens ``[B, F, A, audio_dim]``. ``features`` are per video frame from the
+        clip's first frame ``[B, video_frames, layers, feat]``, or already grouped by latent frame
+        ``[B, F, per_latent, layers, feat]`` (a slice of a longer video)."""
         if self.audio_proj is None:
             raise ValueError("this model has no audio modules (model.audio_dim = 0)")
+        if features.dim() == 5:
+            return self.audio_proj.project_grouped(features)
         return self.audio_proj(features, latent_frames)
 
     def unpatchify(self, out: torch.Tensor, frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -286,7 +290,7 @@ class AvatarDiT(nn.Module):
             t: ``[B]`` or ``[B, F]`` timesteps in ``[0, 1000]``.
             context: ``[B, S, text_dim]`` text embeddings (``S <= text_len``).
             audio: ``[B, video_frames, layers, feat]`` audio encoder features of the clip
-                (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or None.
+                (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or grouped ``[B, F, per_latent, layers, feat]``.
             causal: block-causal attention over blocks of ``frames_per_block`` latent frames.
             reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says).
             frame_pos: ``[F]`` RoPE time positions of the frames (default ``0..F-1``).

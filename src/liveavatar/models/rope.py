@@ -64,11 +64,20 @@ class RotaryTable:
     def for_grid(cls, frame_pos: torch.Tensor, height: int, width: int, head_dim: int, theta: float = 10000.0):
         return cls(grid_angles(frame_pos, height, width, head_dim, theta))
 
+    @classmethod
+    def stack(cls, tables: list["RotaryTable"]) -> "RotaryTable":
+        """One table per batch element: cos/sin ``[B, L, D/2]`` (for lanes at different positions)."""
+        out = cls.__new__(cls)
+        out.cos = torch.stack([t.cos for t in tables])
+        out.sin = torch.stack([t.sin for t in tables])
+        return out
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` (computed in float32, returned in x's dtype)."""
+        """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` (computed in float32, returned in x's dtype).
+        The table is ``[L, D/2]`` (shared by the batch) or ``[B, L, D/2]`` (one per batch element)."""
         pairs = x.float().unflatten(-1, (-1, 2))
         real, imag = pairs[..., 0], pairs[..., 1]
-        cos = self.cos[None, :, None, :]
-        sin = self.sin[None, :, None, :]
+        cos = self.cos[..., None, :] if self.cos.dim() == 3 else self.cos[None, :, None, :]
+        sin = self.sin[..., None, :] if self.sin.dim() == 3 else self.sin[None, :, None, :]
         out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
         return out.flatten(-2).type_as(x)
