@@ -95,7 +95,9 @@ class WanVAE:
 
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"VAE path {path!r} is not a directory (expected a diffusers AutoencoderKLWan folder)")
+            raise FileNotFoundError(
+                f"VAE path {path!r} is not a directory (expected a diffusers AutoencoderKLWan folder)"
+            )
         if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
             os.path.join(path, "vae", "config.json")
         ):
@@ -193,10 +195,11 @@ class WanVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents ``[B, C, F, h, w]`` -> video ``[B, 3, 1 + time_factor (F - 1), H, W]`` in [-1, 1].
 
-        One full diffusers decode (its output is already clamped to [-1, 1]), in the VAE's dtype.
+        Runs the same per-latent-frame path as :class:`StreamingDecoder` (a fresh one, all frames as one chunk),
+        so any chunked streaming decode equals this bit for bit. It matches diffusers' ``AutoencoderKLWan.decode``
+        up to float rounding (that applies ``post_quant_conv`` to all frames at once) and ignores its tiling.
         """
-        _check_5d(latents, "latents", self.latent_channels)
-        return self.model.decode(self.denormalize(latents)).sample
+        return StreamingDecoder(self).decode(latents)
 
     def stream_decoder(self) -> "StreamingDecoder":
         """A fresh :class:`StreamingDecoder` for one video (call its ``reset()`` to start another)."""
@@ -209,7 +212,8 @@ class StreamingDecoder:
     ``decode(chunk)`` takes normalized latents ``[B, C, n, h, w]`` (any ``n >= 1``; consecutive chunks of the
     same video, same batch) and returns the video frames they produce: ``1 + time_factor (n - 1)`` for the first
     chunk, ``time_factor * n`` after. Concatenating the outputs along T equals :meth:`WanVAE.decode` of the
-    concatenated latents (diffusers' full decode also walks latent frames one at a time through this cache).
+    concatenated latents bit for bit: both walk latent frames one at a time through this cache, exactly as
+    diffusers' ``AutoencoderKLWan._decode`` does.
 
     The cache is owned by this object (not the model's ``_feat_map``), so several streams can share one VAE and
     a full ``WanVAE.decode`` in between does not disturb them. Spatial tiling (``enable_tiling``) is not used.
@@ -240,21 +244,19 @@ class StreamingDecoder:
         _check_5d(chunk, "latent chunk", vae.latent_channels)
         if chunk.shape[2] < 1:
             raise ValueError("latent chunk must hold at least one latent frame")
-        # post_quant_conv is a 1x1x1 causal conv: no temporal context, so applying it per chunk is exact.
-        x = model.post_quant_conv(vae.denormalize(chunk))
+        z = vae.denormalize(chunk)
         outs = []
-        for i in range(x.shape[2]):
-            # Mirrors AutoencoderKLWan._decode: fresh conv index per latent frame, shared cache, and
+        for i in range(z.shape[2]):
+            # post_quant_conv is a 1x1x1 conv (no temporal context). diffusers applies it to the whole latent
+            # video at once; we apply it per latent frame because CPU conv kernels round differently for T=1
+            # and T>1 (~6e-8), and per frame the result cannot depend on how the video was chunked.
+            x = model.post_quant_conv(z[:, :, i : i + 1])
+            # As in AutoencoderKLWan._decode: fresh conv index per latent frame, one shared cache, and
             # first_chunk=True only for the video's very first latent frame (Wan2.2's DupUp3D drops the
             # padded leading frames there; Wan2.1's up blocks rely on the "Rep" cache marker instead).
             conv_idx = [0]
             outs.append(
-                model.decoder(
-                    x[:, :, i : i + 1],
-                    feat_cache=self._feat_map,
-                    feat_idx=conv_idx,
-                    first_chunk=self._frames_done == 0,
-                )
+                model.decoder(x, feat_cache=self._feat_map, feat_idx=conv_idx, first_chunk=self._frames_done == 0)
             )
             self._frames_done += 1
         out = torch.cat(outs, dim=2)
@@ -345,7 +347,7 @@ class PatchVAE:
 
 
 class PatchStreamingDecoder:
-    """:class:`StreamingDecoder` interface for :class:`PatchVAE`: frames are independent, so each chunk decodes alone."""
+    """:class:`StreamingDecoder` interface for :class:`PatchVAE`: frames are independent, each chunk decodes alone."""
 
     def __init__(self, vae: PatchVAE):
         self.vae = vae
