@@ -191,9 +191,9 @@ def run(cfg: DictConfig) -> RunReport:
     try:
         core = StreamCore(model, settings, tuple(reference.shape[1:2]) + tuple(reference.shape[3:]), context,
                           reference, seed=int(cfg.seed))
+        engine = build_engine(cfg, core)
     except ValueError as err:
         raise UserError(str(err)) from err
-    engine = build_engine(cfg, core)
     decoder = vae.stream_decoder()
     out_path = Path(cfg.output.path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,18 +73,21 @@ class AudioProjection(nn.Module):
             nn.Linear(cfg.audio_feature_dim, cfg.audio_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.audio_dim, cfg.audio_dim)
         )
 
+    def _check(self, features: torch.Tensor, dims: int, layout: str) -> None:
+        layers, width = self.layer_weights.numel(), self.norm.normalized_shape[0]
+        if features.dim() != dims or tuple(features.shape[-2:]) != (layers, width):
+            raise ValueError(f"audio features of shape {tuple(features.shape)} do not fit the model "
+                             f"(expected [{layout}, {layers}, {width}])")
+
     def forward(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
-        if features.dim() != 4 or features.shape[2] != self.layer_weights.numel() or features.shape[3] != self.norm.normalized_shape[0]:
-            raise ValueError(
-                f"audio features of shape {tuple(features.shape)} do not fit the model "
-                f"(expected [B, frames, {self.layer_weights.numel()}, {self.norm.normalized_shape[0]}])"
-            )
+        self._check(features, 4, "B, video_frames")
         if latent_frames is None:
             latent_frames = latent_frames_for(features.shape[1], self.per_latent)
         return self.project_grouped(group_by_latent_frame(features, latent_frames, self.per_latent))
 
     def project_grouped(self, grouped: torch.Tensor) -> torch.Tensor:
         """``[B, F, per_latent, layers, feat]`` -> ``[B, F, per_latent, audio_dim]``."""
+        self._check(grouped, 5, "B, F, per_latent")
         weights = self.layer_weights.softmax(0).to(grouped.dtype)
         mixed = (grouped * weights[:, None]).sum(-2)
         return self.proj(self.norm(mixed.to(self.norm.weight.dtype)))

@@ -321,7 +321,9 @@ class AvatarDiT(nn.Module):
         e, e6 = self.time_modulation(t)
         rope = RotaryTable.for_grid(frame_pos, h, w, cfg.head_dim, cfg.rope_theta)
         mask = self.attention_mask(frames, h * w, sink_frames, x.device) if causal else None
-        audio_tokens = self.embed_audio(audio, frames) if (audio is not None and self.audio_proj is not None) else None
+        if audio is not None and audio.shape[0] != b:
+            raise ValueError(f"audio features for {audio.shape[0]} clips do not fit a batch of {b}")
+        audio_tokens = self.embed_audio(audio, frames) if audio is not None else None
         out = self.run_blocks(
             tokens, e6, self.embed_text(context), FullSequenceAttention(rope, mask), audio_tokens, sink_frames * h * w
         )

@@ -73,19 +73,34 @@ def _pad_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------- umT5
 class UMT5TextEncoder:
     """The encoder of umT5 (transformers ``UMT5EncoderModel``) and its tokenizer, loaded offline from a local
-    folder (``config.json``, weights, tokenizer files; e.g. a download of ``google/umt5-xxl``).
+    folder (``config.json``, weights, tokenizer files; e.g. a download of ``google/umt5-xxl``), or from a
+    diffusers Wan pipeline folder (``text_encoder/`` and ``tokenizer/`` subfolders).
 
     Args:
         path: the folder.
+        tokenizer_path: where the tokenizer is when it is not in ``path`` (default: ``path``, or the
+            ``tokenizer/`` folder beside a diffusers ``text_encoder/``).
         text_len: most tokens per prompt, ``</s>`` included (longer prompts are truncated, as Wan2.1 does).
         device, dtype: where and in which precision the encoder runs (Wan2.1 runs umT5-XXL in bfloat16);
             the embeddings are returned in float32 on ``device`` either way.
     """
 
-    def __init__(self, path: str | Path, text_len: int = 512, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | Path,
+        text_len: int = 512,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tokenizer_path: str | Path | None = None,
+    ):
         from transformers import AutoConfig, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
         path = Path(path)
+        if (path / "text_encoder" / "config.json").is_file():  # a diffusers pipeline root
+            path, tokenizer_path = path / "text_encoder", tokenizer_path or path / "tokenizer"
+        elif tokenizer_path is None and path.name == "text_encoder" and (path.parent / "tokenizer").is_dir():
+            tokenizer_path = path.parent / "tokenizer"
+        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder: {path} is not a folder (expected a umT5 encoder with its tokenizer)")
         if not (path / "config.json").is_file():
@@ -101,9 +116,9 @@ class UMT5TextEncoder:
             raise ValueError(f"text encoder: text_len must be positive, got {text_len}")
         model_cls = {"umt5": UMT5EncoderModel, "t5": T5EncoderModel, "mt5": MT5EncoderModel}[model_type]
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
         except Exception as err:
-            raise ValueError(f"text encoder: cannot load a tokenizer from {path}: {err}") from err
+            raise ValueError(f"text encoder: cannot load a tokenizer from {tokenizer_path}: {err}") from err
         # Cast after loading: the dtype keyword of from_pretrained was renamed between transformers 4 and 5.
         self.model = model_cls.from_pretrained(path, local_files_only=True).to(device, dtype).eval()
         self.model.requires_grad_(False)

@@ -1,0 +1,237 @@
+"""Audio conditioning (liveavatar.models.audio): the wav2vec2 and energy/mel extractors, grouping by latent
+frame, the projection, and how the DiT uses the audio tokens (zero-initialised, per-frame, causal)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import save_tiny_wav2vec2
+
+from liveavatar.models import AvatarDiT, DiTConfig
+from liveavatar.models.audio import (
+    SAMPLE_RATE,
+    AudioProjection,
+    EnergyMelFeatures,
+    Wav2Vec2Features,
+    group_by_latent_frame,
+    latent_frames_for,
+    video_frames_for,
+)
+
+HIDDEN, LAYERS = 32, 2
+
+
+@pytest.fixture(scope="module")
+def w2v_dir(tmp_path_factory):
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("w2v"), hidden=HIDDEN, layers=LAYERS)
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- extractors
+def test_wav2vec2_features_match_direct_model_resampled(w2v_dir):
+    from transformers import Wav2Vec2Model
+
+    wav = speech_like(2.0)
+    enc = Wav2Vec2Features(w2v_dir)
+    assert (enc.num_layers, enc.feature_dim) == (LAYERS + 1, HIDDEN)
+    feats = enc(wav)
+    assert feats.shape == (1, 50, LAYERS + 1, HIDDEN) and feats.dtype == torch.float32
+
+    # Reference: Wav2Vec2FeatureExtractor's normalisation, the model at 50 Hz, then numpy.interp to 25 fps
+    # with the first and last frames aligned.
+    model = Wav2Vec2Model.from_pretrained(w2v_dir, local_files_only=True).eval()
+    norm = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)
+    with torch.no_grad():
+        out = model(torch.from_numpy(norm)[None], output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states, dim=1)[0].numpy()  # [layers, T50, hidden]
+    t50 = hidden.shape[1]
+    assert t50 == 99  # 320x downsampling of 32000 samples, as the real wav2vec2
+    positions = np.linspace(0, t50 - 1, 50)
+    expected = np.empty((50, LAYERS + 1, HIDDEN), dtype=np.float64)
+    for layer in range(LAYERS + 1):
+        for c in range(HIDDEN):
+            expected[:, layer, c] = np.interp(positions, np.arange(t50), hidden[layer, :, c])
+    np.testing.assert_allclose(feats[0].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+    # An explicit frame count overrides the one the audio length gives.
+    assert enc(wav, frames=30).shape == (1, 30, LAYERS + 1, HIDDEN)
+
+
+def test_wav2vec2_features_bad_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Wav2Vec2Features(tmp_path / "nowhere")
+
+
+def test_energy_mel_features_follow_loudness():
+    n_mels = 31
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    wav = np.concatenate([np.zeros(SAMPLE_RATE), 0.5 * np.sin(2 * np.pi * 440 * t)]).astype(np.float32)
+    enc = EnergyMelFeatures(n_mels=n_mels)
+    feats = enc(wav)
+    assert feats.shape == (1, 50, 1, n_mels + 1) and (enc.num_layers, enc.feature_dim) == (1, n_mels + 1)
+    energy = feats[0, :, 0, -1]
+    # Frames centred in the silence are at the floor, frames inside the tone far above it, and the
+    # transition frame (its window half silent) in between.
+    assert energy[:24].max() < energy[27:].min() - 5
+    assert energy[:24].max() < energy[25] < energy[27:].min()
+    assert torch.all(energy[27:-1] > energy[:24].max())
+    # The mel band holding 440 Hz rises too.
+    assert feats[0, 30:45, 0, :n_mels].max(-1).values.min() > feats[0, 5:20, 0, :n_mels].max(-1).values.max() + 5
+    assert enc(wav, frames=10).shape == (1, 10, 1, n_mels + 1)
+
+
+def test_frame_counts():
+    assert video_frames_for(2 * SAMPLE_RATE) == 50
+    assert video_frames_for(100) == 1 and video_frames_for(0) == 0
+    assert [latent_frames_for(v) for v in (0, 1, 2, 5, 6, 9, 81)] == [0, 1, 2, 2, 3, 3, 21]
+
+
+# ------------------------------------------------------------------------------------------- grouping
+def frame_index_features(v: int, layers: int = 2, feat: int = 3) -> torch.Tensor:
+    """``[1, v, layers, feat]`` whose every value is its video frame index."""
+    return torch.arange(v, dtype=torch.float32)[None, :, None, None].expand(1, v, layers, feat).clone()
+
+
+def test_group_by_latent_frame_layout():
+    grouped = group_by_latent_frame(frame_index_features(9), latent_frames=3)
+    assert grouped.shape == (1, 3, 4, 2, 3)
+    # Latent frame 0: video frame 0 alone, repeated; latent frame f: video frames 4f-3 .. 4f.
+    assert grouped[0, :, :, 0, 0].tolist() == [[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert torch.all(grouped == grouped[..., :1, :1])  # every layer/channel carries the same index
+    # Extra video frames past the last latent frame are dropped.
+    assert group_by_latent_frame(frame_index_features(12), 3)[0, :, :, 0, 0].tolist() == [[0] * 4, [1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_group_by_latent_frame_pads_with_last_frame():
+    grouped = group_by_latent_frame(frame_index_features(7), latent_frames=3)
+    assert grouped[0, :, :, 0, 0].tolist() == [[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 6, 6]]
+    grouped = group_by_latent_frame(frame_index_features(1), latent_frames=2)
+    assert grouped[0, :, :, 0, 0].tolist() == [[0] * 4, [0] * 4]
+    with pytest.raises(ValueError):
+        group_by_latent_frame(frame_index_features(1)[:, :0], latent_frames=1)
+
+
+# ------------------------------------------------------------------------------------------ projection
+def audio_config(**overrides) -> DiTConfig:
+    values = dict(
+        in_dim=4, out_dim=4, dim=32, ffn_dim=64, freq_dim=32, text_dim=16, text_len=8, num_heads=4, num_layers=2,
+        reference="none", frames_per_block=2, audio_dim=24, audio_feature_dim=HIDDEN, audio_layers_in=LAYERS + 1,
+        audio_blocks=[0, 1],
+    )
+    values.update(overrides)
+    return DiTConfig(**values)
+
+
+def test_audio_projection_shapes_and_errors():
+    proj = AudioProjection(audio_config())
+    feats = torch.randn(2, 9, LAYERS + 1, HIDDEN)
+    assert proj(feats).shape == (2, 3, 4, 24)
+    assert proj(feats, latent_frames=5).shape == (2, 5, 4, 24)  # short audio: padded with the last frame
+    for bad in (torch.randn(2, 9, LAYERS + 1, HIDDEN + 1), torch.randn(2, 9, LAYERS, HIDDEN), torch.randn(2, 9, HIDDEN)):
+        with pytest.raises(ValueError, match="do not fit"):
+            proj(bad)
+
+
+def test_audio_projection_tokens_are_per_video_frame():
+    """Each token of latent frame f depends only on its own video frame's features."""
+    proj = AudioProjection(audio_config())
+    feats = torch.randn(1, 9, LAYERS + 1, HIDDEN)
+    changed = feats.clone()
+    changed[:, 6] += torch.randn_like(changed[:, 6])  # video frame 6 = latent frame 2, slot 1
+    diff = (proj(changed) - proj(feats)).abs().amax(-1)[0]
+    assert diff[2, 1] > 0
+    diff[2, 1] = 0
+    assert torch.all(diff == 0)
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+def dit_inputs(cfg: DiTConfig, frames: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_dim, frames, 4, 4, generator=g)
+    t = torch.tensor([700.0])
+    context = torch.randn(1, 5, cfg.text_dim, generator=g)
+    audio = torch.randn(1, 1 + 4 * (frames - 1), cfg.audio_layers_in, cfg.audio_feature_dim, generator=g)
+    return x, t, context, audio
+
+
+def randomised_model(cfg: DiTConfig, seed: int = 0) -> AvatarDiT:
+    """A fresh model predicts zeros (zero head): give every parameter a random value."""
+    torch.manual_seed(seed)
+    model = AvatarDiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def audio_out_projections(model: AvatarDiT) -> list[torch.nn.Parameter]:
+    return [p for block in model.blocks if block.audio_attn is not None for p in block.audio_attn.attn.o.parameters()]
+
+
+@torch.no_grad()
+def test_dit_audio_branch_starts_at_zero():
+    cfg = audio_config()
+    fresh = AvatarDiT(cfg)
+    projections = audio_out_projections(fresh)
+    assert len(projections) == 4 and all(torch.all(p == 0) for p in projections)
+
+    model = randomised_model(cfg)
+    for p in audio_out_projections(model):
+        p.zero_()  # the state of a fresh model's audio branch, with everything else random
+    x, t, context, audio = dit_inputs(cfg)
+    without = model(x, t, context, causal=True)
+    assert without.abs().max() > 0  # not vacuous: the randomised head gives a non-zero prediction
+    torch.testing.assert_close(model(x, t, context, audio=audio, causal=True), without, rtol=0, atol=0)
+
+    for p in audio_out_projections(model):
+        p.normal_(0, 0.1)
+    with_audio = model(x, t, context, audio=audio, causal=True)
+    assert (with_audio - without).abs().max() > 1e-3
+    # Audio changes the prediction through the features, not merely by being present.
+    other = model(x, t, context, audio=audio + torch.randn_like(audio), causal=True)
+    assert (other - with_audio).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("reference", ["none", "sink"])
+@torch.no_grad()
+def test_dit_audio_is_causal_per_block(reference):
+    cfg = audio_config(reference=reference, frames_per_block=2)
+    model = randomised_model(cfg)
+    x, t, context, audio = dit_inputs(cfg, frames=4)  # blocks: latent frames {0, 1} and {2, 3}
+    ref = torch.randn(1, cfg.in_dim, 1, 4, 4) if reference == "sink" else None
+    base = model(x, t, context, audio=audio, causal=True, reference=ref)
+
+    def changed_frames(latent: int, causal: bool = True) -> list[bool]:
+        perturbed = audio.clone()
+        start = 0 if latent == 0 else 4 * latent - 3
+        # Random, not constant: the projection's LayerNorm removes a constant offset across channels.
+        perturbed[:, start : 4 * latent + 1] += torch.randn_like(perturbed[:, start : 4 * latent + 1])
+        out = model(x, t, context, audio=perturbed, causal=causal, reference=ref)
+        first = base if causal else model(x, t, context, audio=audio, causal=False, reference=ref)
+        return [bool((out[:, :, f] - first[:, :, f]).abs().max() > 1e-5) for f in range(4)]
+
+    # The last latent frame's audio reaches its own block (frames 2 and 3, through self-attention inside the
+    # block) and never the earlier block.
+    assert changed_frames(3) == [False, False, True, True]
+    assert changed_frames(2) == [False, False, True, True]
+    # Audio of the first block reaches everything after it.
+    assert changed_frames(1) == [True, True, True, True]
+    # Without the causal mask the last frame's audio reaches the first frames too (the check above bites).
+    assert changed_frames(3, causal=False)[0]
+
+
+@torch.no_grad()
+def test_dit_accepts_audio_grouped_by_latent_frame():
+    """Features already grouped by latent frame (a slice of a longer video) give the same output as the flat
+    per-video-frame features they were grouped from."""
+    cfg = audio_config()
+    model = randomised_model(cfg)
+    x, t, context, audio = dit_inputs(cfg, frames=3)
+    grouped = group_by_latent_frame(audio, latent_frames=3)
+    torch.testing.assert_close(model.embed_audio(grouped), model.embed_audio(audio))
+    torch.testing.assert_close(model(x, t, context, audio=grouped, causal=True), model(x, t, context, audio=audio, causal=True))
