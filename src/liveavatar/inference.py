@@ -203,7 +203,7 @@ def run(cfg: DictConfig) -> RunReport:
     start = time.perf_counter()
     with media.VideoWriter(out_path, fps=fps, audio=wav, sample_rate=16000, frames_path=frames_path) as writer:
         for _, x0 in tqdm(engine.stream(audio_blocks), total=blocks, unit="block", desc="generating"):
-            frames = decoder.decode(x0.to(vae.dtype if hasattr(vae, "dtype") else torch.float32))[0]  # [3, T, H, W]
+            frames = decoder.decode(x0)[0]  # [3, T, H, W]
             frames = frames.transpose(0, 1)[: video_frames - written].float().cpu()
             writer.write(frames)
             written += frames.shape[0]
