@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)
-    print(report.summary())
+    if report is not None:  # TPP: only the output rank has a report
+        print(report.summary())
 
 
 if __name__ == "__main__":

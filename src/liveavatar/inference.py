@@ -127,8 +127,6 @@ def build_engine(cfg: DictConfig, core: StreamCore):
         return SequentialEngine(core)
     if name == "stream_batch":
         return StreamBatchEngine(core)
-    if name == "tpp":
-        raise UserError("engine=tpp runs under torchrun (see the README)")
     raise UserError(f"engine={name}: expected one of {ENGINES}")
 
 
@@ -142,16 +140,37 @@ def engine_settings(cfg: DictConfig) -> EngineSettings:
     )
 
 
-def run(cfg: DictConfig) -> RunReport:
-    """Generate a video for ``cfg`` (see ``conf/infer.yaml``) and return the measured figures."""
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+@dataclass
+class Prepared:
+    """Everything a run needs before the first block: model (None on a decode-only rank), VAE, reference latent
+    ``[1, C, 1, h, w]``, text context ``[1, L, text_dim]``, audio, and the per-block audio features."""
+
+    model: AvatarDiT | None
+    dit: DiTConfig
+    settings: EngineSettings
+    vae: Any
+    reference: torch.Tensor
+    context: torch.Tensor
+    wav: Any
+    fps: float
+    video_frames: int
+    audio_blocks: list
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.reference.shape[1], self.reference.shape[3], self.reference.shape[4])
+
+
+def prepare(cfg: DictConfig, with_model: bool = True, device: torch.device | None = None) -> Prepared:
+    """Load the parts ``cfg`` names and read the inputs; every problem becomes a :class:`UserError`."""
+    device, dtype = device or resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     torch.set_grad_enabled(False)
     try:
         settings = engine_settings(cfg)
-    except ValueError as err:
+        dit = DiTConfig.from_dict(OmegaConf.to_container(cfg.model.dit, resolve=True))
+    except (TypeError, ValueError) as err:
         raise UserError(str(err)) from err
-    model = load_model(cfg, device, dtype)
-    dit = model.config
+    model = load_model(cfg, device, dtype) if with_model else None
     height, width = (int(v) for v in cfg.model.resolution)
     fps = float(cfg.model.fps)
 
@@ -181,33 +200,115 @@ def run(cfg: DictConfig) -> RunReport:
 
     reference = vae.encode(image[None, :, None].to(device)).to(dtype)  # [1, C, 1, h, w]
     context = text_context(cfg, dit, device)
-    features = load_audio_encoder(cfg, device)(wav, video_frames)
     latent_frames = latent_frames_for(video_frames, dit.video_frames_per_latent)
     per_block = dit.frames_per_block
     blocks = math.ceil(latent_frames / per_block)
-    grouped = group_by_latent_frame(features, blocks * per_block, dit.video_frames_per_latent)
-    audio_blocks = [grouped[:, b * per_block : (b + 1) * per_block] for b in range(blocks)] if dit.has_audio else [None] * blocks
+    if dit.has_audio:
+        features = load_audio_encoder(cfg, device)(wav, video_frames)
+        grouped = group_by_latent_frame(features, blocks * per_block, dit.video_frames_per_latent)
+        audio_blocks = [grouped[:, b * per_block : (b + 1) * per_block] for b in range(blocks)]
+    else:
+        audio_blocks = [None] * blocks
+    return Prepared(model, dit, settings, vae, reference, context, wav, fps, video_frames, audio_blocks)
 
+
+def new_core(prep: Prepared, cfg: DictConfig, lanes: int | None = None) -> StreamCore:
     try:
-        core = StreamCore(model, settings, tuple(reference.shape[1:2]) + tuple(reference.shape[3:]), context,
-                          reference, seed=int(cfg.seed))
-        engine = build_engine(cfg, core)
+        return StreamCore(prep.model, prep.settings, prep.latent_shape, prep.context, prep.reference,
+                          seed=int(cfg.seed), lanes=lanes)
     except ValueError as err:
         raise UserError(str(err)) from err
-    decoder = vae.stream_decoder()
+
+
+def write_stream(cfg: DictConfig, prep: Prepared, blocks) -> RunReport:
+    """Decode ``(block, x0)`` pairs as they arrive, write them to ``output.path``, and time the run."""
+    decoder = prep.vae.stream_decoder()
     out_path = Path(cfg.output.path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     frames_path = out_path.with_suffix(".frames.npy") if cfg.output.frames else None
-
     written, first_frame_s = 0, None
     start = time.perf_counter()
-    with media.VideoWriter(out_path, fps=fps, audio=wav, sample_rate=16000, frames_path=frames_path) as writer:
-        for _, x0 in tqdm(engine.stream(audio_blocks), total=blocks, unit="block", desc="generating"):
+    with media.VideoWriter(out_path, fps=prep.fps, audio=prep.wav, sample_rate=16000, frames_path=frames_path) as writer:
+        for _, x0 in tqdm(blocks, total=len(prep.audio_blocks), unit="block", desc="generating"):
             frames = decoder.decode(x0)[0]  # [3, T, H, W]
-            frames = frames.transpose(0, 1)[: video_frames - written].float().cpu()
+            frames = frames.transpose(0, 1)[: prep.video_frames - written].float().cpu()
             writer.write(frames)
             written += frames.shape[0]
             if first_frame_s is None:
                 first_frame_s = time.perf_counter() - start
     generation_s = time.perf_counter() - start
-    return RunReport(out_path, written, written / fps, first_frame_s or generation_s, generation_s)
+    return RunReport(out_path, written, written / prep.fps, first_frame_s or generation_s, generation_s)
+
+
+def run(cfg: DictConfig) -> RunReport | None:
+    """Generate a video for ``cfg`` (see ``conf/infer.yaml``) and return the measured figures (None on the
+    ranks of a TPP run that do not write the output)."""
+    if cfg.engine.name == "tpp":
+        return run_tpp(cfg)
+    prep = prepare(cfg)
+    core = new_core(prep, cfg)
+    try:
+        engine = build_engine(cfg, core)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return write_stream(cfg, prep, engine.stream(prep.audio_blocks))
+
+
+def run_tpp(cfg: DictConfig) -> RunReport | None:
+    """This rank's part of a TPP run (launched by torchrun; see :mod:`liveavatar.engine.tpp`)."""
+    import torch.distributed as dist
+
+    from .engine import tpp
+
+    if "RANK" not in __import__("os").environ:
+        raise UserError("engine=tpp runs under torchrun: torchrun --nproc_per_node=N+1 infer.py engine=tpp ...")
+    e = cfg.engine
+    layout = tpp.Layout(len(cfg.denoise.steps), bool(e.decode_on_last))
+    rank, world, device = tpp.init_process_group(float(e.timeout_s))
+    watchdog = tpp.Watchdog(tpp.default_store(), rank, float(e.fault_poll_s))
+    role = f"step {rank}" if layout.is_dit(rank) else "decode"
+    if rank == layout.output_rank and layout.decode_on_last:
+        role += "+decode"
+    stats = tpp.RankStats(rank, role)
+    channel = tpp.Channel(device, stats)
+    try:
+        if world != layout.world_size:
+            raise UserError(f"engine=tpp with {layout.steps} steps needs {layout.world_size} ranks "
+                            f"({layout.steps} DiT ranks{'' if layout.decode_on_last else ' + 1 decoding rank'}); "
+                            f"torchrun started {world}")
+        if device.type == "cpu":
+            torch.set_num_threads(int(e.threads_per_rank))
+        prep = prepare(cfg, with_model=layout.is_dit(rank), device=device)
+        report = None
+        options = tpp.StageOptions(float(e.heartbeat_s), e.simulate_forward_ms)
+        if layout.is_dit(rank):
+            try:
+                stage = tpp.DiTStage(new_core(prep, cfg, lanes=1), rank, layout, channel, options)
+            except ValueError as err:
+                raise UserError(str(err)) from err
+            feed = tpp.AudioFeed(prep.audio_blocks) if rank == 0 else None
+            dist.barrier()
+            start = time.perf_counter()
+            blocks = stage.run(feed)
+            if rank == layout.output_rank:
+                report = write_stream(cfg, prep, blocks)
+            else:
+                for _ in blocks:
+                    pass
+        else:
+            dist.barrier()
+            start = time.perf_counter()
+            report = write_stream(cfg, prep, tpp.receive_blocks(channel, layout.steps - 1))
+        channel.flush()
+        stats.compute_s = time.perf_counter() - start - stats.wait_s - stats.send_s
+        tpp.publish_stats(stats)
+        if rank == layout.output_rank:
+            print(tpp.stats_table(tpp.collect_stats(world)))
+        dist.barrier()
+    except BaseException as err:
+        watchdog.report(err)
+        raise
+    finally:
+        watchdog.stop()
+    dist.destroy_process_group()
+    return report

@@ -1,0 +1,317 @@
+"""Timestep-forcing Pipeline Parallelism (TPP) over torch.distributed point-to-point messages.
+
+Ranks ``0 .. N-1`` each run one fixed denoising step of an N-step list and hold only that step's
+timestep-forced KV cache (one lane); the output rank decodes with the streaming VAE and writes the video (rank
+``N``, or rank ``N-1`` itself with ``engine.decode_on_last=true``). Block ``b`` enters rank 0 as noise; rank
+``s`` forwards it at step ``s``, writes its own cache, re-noises the clean estimate to step ``s+1`` and sends
+it on. Only the block latent and the block's audio features travel; caches never move. In steady state every
+rank works on a different block, so a block comes out every forward.
+
+Messages are a fixed-size int64 header (kind, block, shapes of the tensors that follow) and float32 payloads,
+sent in the same order on both sides (NCCL matches by order, not tags). Heartbeats flow down the pipeline while
+the audio source is idle, so a quiet stream never trips the process-group timeout. Faults: a rank that raises
+writes its error into the rendezvous store; a watchdog thread on every rank polls the store and exits its
+process within ``engine.fault_poll_s`` naming the failed rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .stream import StreamCore
+
+HEADER = 32
+MAX_DIMS = 6
+BLOCK, HEARTBEAT, STOP, SINK = 0, 1, 2, 3
+ERROR_KEY = "liveavatar/tpp/error"
+
+
+@dataclass
+class Layout:
+    """Who does what: ``steps`` DiT ranks, then the output rank (or the last DiT rank decodes)."""
+
+    steps: int
+    decode_on_last: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.steps + (0 if self.decode_on_last else 1)
+
+    @property
+    def output_rank(self) -> int:
+        return self.steps - 1 if self.decode_on_last else self.steps
+
+    def is_dit(self, rank: int) -> bool:
+        return rank < self.steps
+
+
+@dataclass
+class RankStats:
+    """Seconds a rank spent waiting for input and sending; compute is the rest of its streaming time (the DiT
+    forward, re-noising, and on the output rank decoding and writing)."""
+
+    rank: int
+    role: str
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    send_s: float = 0.0
+    blocks: int = 0
+
+    @property
+    def wait_share(self) -> float:
+        total = self.compute_s + self.wait_s + self.send_s
+        return self.wait_s / total if total else 0.0
+
+
+class Channel:
+    """Point-to-point messages with explicit shape headers; sends are asynchronous (buffers are kept until
+    their ``wait()``, as an ``isend`` buffer must not be reused before it completes)."""
+
+    def __init__(self, device: torch.device, stats: RankStats):
+        self.device, self.stats = device, stats
+        self.pending: dict[int, list] = {}  # destination -> sends in flight
+
+    def send(self, dst: int, kind: int, block: int = -1, tensors: list[torch.Tensor] = ()) -> None:
+        """Send a message; first wait for the previous message to ``dst`` (at most one in flight per
+        destination: backpressure without ever waiting on an unrelated peer)."""
+        t0 = time.perf_counter()
+        self.flush(dst)
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0], header[1], header[2] = kind, block, len(tensors)
+        payload = []
+        for i, t in enumerate(tensors):
+            if t.dim() > MAX_DIMS:
+                raise ValueError(f"cannot send a {t.dim()}-d tensor (at most {MAX_DIMS})")
+            base = 3 + i * (MAX_DIMS + 1)
+            header[base] = t.dim()
+            header[base + 1 : base + 1 + t.dim()] = torch.tensor(t.shape)
+            payload.append(t.detach().to(self.device, torch.float32).contiguous())
+        header = header.to(self.device)
+        works = self.pending.setdefault(dst, [])
+        works.append((dist.isend(header, dst), header))
+        for p in payload:
+            works.append((dist.isend(p, dst), p))
+        self.stats.send_s += time.perf_counter() - t0
+
+    def flush(self, dst: int | None = None) -> None:
+        """Wait for the sends to ``dst`` (all destinations if None); their buffers are released after."""
+        for d in [dst] if dst is not None else list(self.pending):
+            for work, _ in self.pending.pop(d, []):
+                work.wait()
+
+    def recv(self, src: int) -> tuple[int, int, list[torch.Tensor]]:
+        t0 = time.perf_counter()
+        header = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(header, src)
+        header = header.cpu()
+        kind, block, n = int(header[0]), int(header[1]), int(header[2])
+        tensors = []
+        for i in range(n):
+            base = 3 + i * (MAX_DIMS + 1)
+            shape = header[base + 1 : base + 1 + int(header[base])].tolist()
+            t = torch.empty(shape, dtype=torch.float32, device=self.device)
+            dist.recv(t, src)
+            tensors.append(t)
+        self.stats.wait_s += time.perf_counter() - t0
+        return kind, block, tensors
+
+
+class Watchdog:
+    """Ends this process when another rank reports a failure in the store (bounded time, clear message)."""
+
+    def __init__(self, store, rank: int, poll_s: float):
+        self.store, self.rank, self.poll_s = store, rank, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                if self.store.check([ERROR_KEY]):
+                    message = self.store.get(ERROR_KEY).decode()
+                    if not message.startswith(f"rank {self.rank}:"):
+                        print(f"error: tpp stopped on rank {self.rank}: {message}", file=sys.stderr, flush=True)
+                        os._exit(3)
+            except Exception:  # the store went away: the launcher is tearing the group down
+                os._exit(3)
+
+    def report(self, err: BaseException) -> None:
+        self.store.set(ERROR_KEY, f"rank {self.rank}: {type(err).__name__}: {err}")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class AudioFeed:
+    """Rank 0's audio source, read in a background thread so that waiting for audio never blocks heartbeats.
+
+    ``source`` yields one block's grouped features (or None for an audio-free model) at a time; a live source
+    may block for as long as it likes between blocks.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterable):
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        threading.Thread(target=self._fill, args=(source,), daemon=True).start()
+
+    def _fill(self, source) -> None:
+        try:
+            for item in source:
+                self._queue.put(item)
+        except BaseException as err:  # re-raised on the main thread
+            self._error = err
+        self._queue.put(self._END)
+
+    def get(self, timeout: float):
+        """The next block's features; raises ``queue.Empty`` after ``timeout`` and StopIteration at the end."""
+        item = self._queue.get(timeout=timeout)
+        if item is self._END:
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item
+
+
+@dataclass
+class StageOptions:
+    heartbeat_s: float = 10.0
+    simulate_forward_ms: float | None = None  # benchmark only: a stage's compute becomes a fixed sleep
+
+
+class DiTStage:
+    """One denoising step of the pipeline (rank ``step``)."""
+
+    def __init__(self, core: StreamCore, step: int, layout: Layout, channel: Channel, options: StageOptions):
+        settings = core.settings
+        if core.sink.changes and settings.switch_block < layout.steps:
+            raise ValueError(f"engine=tpp cannot switch the sink before block {layout.steps} (the number of "
+                             f"steps): engine.sink_switch_block={settings.switch_block}")
+        if settings.history != "timestep_forced":
+            raise ValueError("engine=tpp needs engine.history=timestep_forced: each rank keeps only its own step's cache")
+        self.core, self.step, self.layout, self.channel, self.options = core, step, layout, channel, options
+        self.last = step == layout.steps - 1
+
+    def _compute(self, x, block, grouped):
+        core = self.core
+        if self.options.simulate_forward_ms is not None:
+            time.sleep(self.options.simulate_forward_ms / 1000)
+            x0 = x.clone()
+        else:
+            v = core.forward(x, core.timesteps[self.step].reshape(1), [0], [block], core.audio_tokens(grouped),
+                             write=True)
+            x0 = core.step_output(x, v, self.step)
+        out = x0 if self.last else core.renoise(x0, block, self.step + 1)
+        self.channel.stats.blocks += 1
+        return x0, out
+
+    def _next_input(self, feed: AudioFeed | None):
+        """(kind, block, x, grouped) from the audio feed (rank 0) or the previous rank."""
+        if self.step == 0:
+            t0 = time.perf_counter()
+            try:
+                grouped = feed.get(timeout=self.options.heartbeat_s)
+            except queue.Empty:
+                return HEARTBEAT, -1, None, None
+            except StopIteration:
+                return STOP, -1, None, None
+            finally:
+                self.channel.stats.wait_s += time.perf_counter() - t0
+            self._block = getattr(self, "_block", -1) + 1
+            return BLOCK, self._block, self.core.noise(self._block, 0), grouped
+        kind, block, tensors = self.channel.recv(self.step - 1)
+        x = tensors[0] if tensors else None
+        grouped = tensors[1] if len(tensors) > 1 else None
+        return kind, block, x, grouped
+
+    def run(self, feed: AudioFeed | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Process blocks until the stream ends; on the last rank with decode_on_last, yield ``(block, x0)``."""
+        core, layout = self.core, self.layout
+        downstream = None if (self.last and layout.decode_on_last) else (
+            self.step + 1 if not self.last else layout.output_rank)
+        while True:
+            kind, block, x, grouped = self._next_input(feed)
+            if kind in (HEARTBEAT, STOP):
+                if downstream is not None:
+                    self.channel.send(downstream, kind)
+                if kind == STOP:
+                    self.channel.flush()
+                    return
+                continue
+            if core.sink.changes and block == core.settings.switch_block and not self.last:
+                _, _, (first,) = self.channel.recv(layout.steps - 1)  # block 0's clean latents
+                core.sink.first_block_done(first.to(core.dtype))
+            x0, out = self._compute(x.to(core.device), block, grouped)
+            if self.last and block == 0 and core.sink.changes:
+                core.sink.first_block_done(x0)
+                for r in range(layout.steps - 1):
+                    self.channel.send(r, SINK, 0, [x0])
+            if downstream is None:
+                yield block, x0
+            else:
+                self.channel.send(downstream, BLOCK, block, [out] + ([grouped] if grouped is not None else []))
+
+
+def receive_blocks(channel: Channel, src: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The output rank's input: ``(block, x0)`` until the stream stops (heartbeats are skipped)."""
+    while True:
+        kind, block, tensors = channel.recv(src)
+        if kind == STOP:
+            return
+        if kind == BLOCK:
+            channel.stats.blocks += 1
+            yield block, tensors[0]
+
+
+def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the torchrun group: NCCL with one GPU per local rank where CUDA is present, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        raise RuntimeError("engine=tpp must be launched by torchrun (RANK is not set)")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return rank, dist.get_world_size(), device
+
+
+def default_store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def publish_stats(stats: RankStats) -> None:
+    default_store().set(f"liveavatar/tpp/stats/{stats.rank}", json.dumps(stats.__dict__))
+
+
+def collect_stats(world_size: int) -> list[RankStats]:
+    store = default_store()
+    out = []
+    for r in range(world_size):
+        data = json.loads(store.get(f"liveavatar/tpp/stats/{r}").decode())
+        out.append(RankStats(**data))
+    return out
+
+
+def stats_table(stats: list[RankStats]) -> str:
+    lines = ["rank  role        blocks  compute s  wait s  send s  wait share"]
+    for s in stats:
+        lines.append(f"{s.rank:>4}  {s.role:<10} {s.blocks:>7}  {s.compute_s:>9.2f}  {s.wait_s:>6.2f}  "
+                     f"{s.send_s:>6.2f}  {s.wait_share:>9.1%}")
+    busiest = max(stats, key=lambda s: s.compute_s)
+    lines.append(f"bottleneck: rank {busiest.rank} ({busiest.role}), {busiest.compute_s:.2f} s of compute")
+    return "\n".join(lines)
