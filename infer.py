@@ -24,6 +24,7 @@ def check_group_choices(argv: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from liveavatar.engine.tpp import PeerFailure
     from liveavatar.inference import UserError, run
 
     try:
@@ -31,11 +32,16 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PeerFailure as err:
+        print(f"error: tpp stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)
     if report is not None:  # TPP: only the output rank has a report
         print(report.summary())
+        if cfg.output.report:
+            report.save(cfg.output.report)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ class RunReport:
     seconds_of_video: float
     first_frame_s: float
     generation_s: float
+    block_times: list[float] = field(default_factory=list)  # seconds from the start to each decoded block
+    ranks: list[dict] = field(default_factory=list)         # TPP: per-rank compute/wait/send seconds
 
     @property
     def rtf(self) -> float:
@@ -50,6 +53,13 @@ class RunReport:
     @property
     def fps(self) -> float:
         return self.frames / self.generation_s
+
+    def save(self, path: str | Path) -> None:
+        """Write the figures as JSON (atomically)."""
+        data = {**asdict(self), "path": str(self.path), "rtf": self.rtf, "fps": self.fps}
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
 
     def summary(self) -> str:
         return (f"wrote {self.path} ({self.frames} frames, {self.seconds_of_video:.2f} s): time to first frame "
@@ -226,7 +236,7 @@ def write_stream(cfg: DictConfig, prep: Prepared, blocks) -> RunReport:
     out_path = Path(cfg.output.path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     frames_path = out_path.with_suffix(".frames.npy") if cfg.output.frames else None
-    written, first_frame_s = 0, None
+    written, block_times = 0, []
     start = time.perf_counter()
     with media.VideoWriter(out_path, fps=prep.fps, audio=prep.wav, sample_rate=16000, frames_path=frames_path) as writer:
         for _, x0 in tqdm(blocks, total=len(prep.audio_blocks), unit="block", desc="generating"):
@@ -234,10 +244,11 @@ def write_stream(cfg: DictConfig, prep: Prepared, blocks) -> RunReport:
             frames = frames.transpose(0, 1)[: prep.video_frames - written].float().cpu()
             writer.write(frames)
             written += frames.shape[0]
-            if first_frame_s is None:
-                first_frame_s = time.perf_counter() - start
+            block_times.append(time.perf_counter() - start)
     generation_s = time.perf_counter() - start
-    return RunReport(out_path, written, written / prep.fps, first_frame_s or generation_s, generation_s)
+    report = RunReport(out_path, written, written / prep.fps, block_times[0] if block_times else generation_s,
+                       generation_s, block_times)
+    return report
 
 
 def run(cfg: DictConfig) -> RunReport | None:
@@ -303,9 +314,13 @@ def run_tpp(cfg: DictConfig) -> RunReport | None:
         stats.compute_s = time.perf_counter() - start - stats.wait_s - stats.send_s
         tpp.publish_stats(stats)
         if rank == layout.output_rank:
-            print(tpp.stats_table(tpp.collect_stats(world)))
+            all_stats = tpp.collect_stats(world)
+            print(tpp.stats_table(all_stats))
+            report.ranks = [{**r.__dict__, "wait_share": r.wait_share} for r in all_stats]
         dist.barrier()
     except BaseException as err:
+        if watchdog.peer_error is not None:
+            raise tpp.PeerFailure(watchdog.peer_error) from err
         watchdog.report(err)
         raise
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import _thread
 import queue
 import sys
 import threading
@@ -126,28 +127,48 @@ class Channel:
         return kind, block, tensors
 
 
-class Watchdog:
-    """Ends this process when another rank reports a failure in the store (bounded time, clear message)."""
+class PeerFailure(RuntimeError):
+    """Another rank failed; the message names it and its error."""
 
-    def __init__(self, store, rank: int, poll_s: float):
-        self.store, self.rank, self.poll_s = store, rank, poll_s
+
+class Watchdog:
+    """Stops this rank, in bounded time, when another rank reports a failure in the rendezvous store.
+
+    It interrupts the main thread first (so that open outputs are cleaned up: the video writer deletes its
+    partial file) and ends the process outright if the main thread has not left within ``grace_s`` (it may be
+    blocked in a receive from the dead rank).
+    """
+
+    def __init__(self, store, rank: int, poll_s: float, grace_s: float = 5.0):
+        self.store, self.rank, self.poll_s, self.grace_s = store, rank, poll_s, grace_s
+        self.peer_error: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                if self.store.check([ERROR_KEY]):
-                    message = self.store.get(ERROR_KEY).decode()
-                    if not message.startswith(f"rank {self.rank}:"):
-                        print(f"error: tpp stopped on rank {self.rank}: {message}", file=sys.stderr, flush=True)
-                        os._exit(3)
-            except Exception:  # the store went away: the launcher is tearing the group down
+                if not self.store.check([ERROR_KEY]):
+                    continue
+                message = self.store.get(ERROR_KEY).decode()
+            except Exception:  # the store is gone: the launcher is tearing the group down
+                message = "the rendezvous store went away (another rank or the launcher exited)"
+            if message.startswith(f"rank {self.rank}:"):
+                return
+            self.peer_error = message
+            _thread.interrupt_main()
+            if not self._stop.wait(self.grace_s):
+                print(f"error: tpp stopped on rank {self.rank}: {message}", file=sys.stderr, flush=True)
                 os._exit(3)
+            return
 
     def report(self, err: BaseException) -> None:
-        self.store.set(ERROR_KEY, f"rank {self.rank}: {type(err).__name__}: {err}")
+        """Publish this rank's failure; the first failure of the run wins."""
+        try:
+            if self.store.add(ERROR_KEY + "/count", 1) == 1:
+                self.store.set(ERROR_KEY, f"rank {self.rank}: {type(err).__name__}: {err}")
+        except Exception:
+            pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,6 +210,15 @@ class AudioFeed:
 class StageOptions:
     heartbeat_s: float = 10.0
     simulate_forward_ms: float | None = None  # benchmark only: a stage's compute becomes a fixed sleep
+    # Fault drills (tests, operations): LIVEAVATAR_TPP_FAIL="rank:block" makes that rank raise at that block.
+    fail_at: tuple[int, int] | None = field(default_factory=lambda: _parse_fail(os.environ.get("LIVEAVATAR_TPP_FAIL")))
+
+
+def _parse_fail(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    rank, _, block = value.partition(":")
+    return int(rank), int(block or 0)
 
 
 class DiTStage:
@@ -206,6 +236,8 @@ class DiTStage:
 
     def _compute(self, x, block, grouped):
         core = self.core
+        if self.options.fail_at == (self.step, block):
+            raise RuntimeError(f"injected fault at block {block} (LIVEAVATAR_TPP_FAIL)")
         if self.options.simulate_forward_ms is not None:
             time.sleep(self.options.simulate_forward_ms / 1000)
             x0 = x.clone()
