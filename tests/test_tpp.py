@@ -69,3 +69,37 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path):
 def test_engine_tpp_outside_torchrun_says_how_to_launch(tmp_path):
     r = infer("engine=tpp", f"output.path={tmp_path}/x.mp4")
     assert r.returncode == 2 and "runs under torchrun" in r.stderr
+
+
+def idle_run(tmp_path, heartbeat_s):
+    cmd = TORCHRUN + ["--nproc_per_node=3", str(ROOT / "tests" / "tpp_idle_worker.py"), str(tmp_path / "out.pt"),
+                      str(heartbeat_s), "3.0"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_live_audio_with_a_long_pause_does_not_trip_the_timeout(tmp_path):
+    """The source pauses 3 s; the process-group timeout is 1.5 s. Heartbeats every 0.3 s keep it alive, and the
+    result equals the sequential engine on the same audio."""
+    import torch
+
+    r = idle_run(tmp_path, 0.3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert result["got"].shape == (1, 4, 8, 4, 4)
+    torch.testing.assert_close(result["got"], result["expected"], rtol=1e-5, atol=1e-6)
+
+
+def test_without_heartbeats_the_same_pause_trips_the_timeout(tmp_path):
+    r = idle_run(tmp_path, 100.0)
+    assert r.returncode != 0
+
+
+def test_a_killed_rank_stops_the_run_in_bounded_time(tmp_path):
+    start = time.perf_counter()
+    r = infer("engine=tpp", f"output.path={tmp_path}/x.mp4", "denoise.steps=[1000,500]", "max_seconds=4",
+              "engine.fault_poll_s=0.2", nproc=3, env={"LIVEAVATAR_TPP_FAIL": "1:3:kill"}, timeout=120)
+    assert r.returncode != 0
+    assert time.perf_counter() - start < 60
+    # torchrun names the rank that died; the survivors leave no output under the final name.
+    assert "rank      : 1" in r.stderr and "Signal 9" in r.stderr
+    assert not (tmp_path / "x.mp4").exists()

@@ -19,6 +19,7 @@ import json
 import os
 import _thread
 import queue
+import signal
 import sys
 import threading
 import time
@@ -210,15 +211,17 @@ class AudioFeed:
 class StageOptions:
     heartbeat_s: float = 10.0
     simulate_forward_ms: float | None = None  # benchmark only: a stage's compute becomes a fixed sleep
-    # Fault drills (tests, operations): LIVEAVATAR_TPP_FAIL="rank:block" makes that rank raise at that block.
-    fail_at: tuple[int, int] | None = field(default_factory=lambda: _parse_fail(os.environ.get("LIVEAVATAR_TPP_FAIL")))
+    # Fault drills (tests, operations): LIVEAVATAR_TPP_FAIL="rank:block" makes that rank raise at that block;
+    # "rank:block:kill" makes it die with SIGKILL instead (no chance to report anything).
+    fail_at: tuple[int, int, bool] | None = field(
+        default_factory=lambda: _parse_fail(os.environ.get("LIVEAVATAR_TPP_FAIL")))
 
 
-def _parse_fail(value: str | None) -> tuple[int, int] | None:
+def _parse_fail(value: str | None) -> tuple[int, int, bool] | None:
     if not value:
         return None
-    rank, _, block = value.partition(":")
-    return int(rank), int(block or 0)
+    rank, block, *mode = value.split(":")
+    return int(rank), int(block), mode == ["kill"]
 
 
 class DiTStage:
@@ -236,7 +239,9 @@ class DiTStage:
 
     def _compute(self, x, block, grouped):
         core = self.core
-        if self.options.fail_at == (self.step, block):
+        if self.options.fail_at is not None and self.options.fail_at[:2] == (self.step, block):
+            if self.options.fail_at[2]:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at block {block} (LIVEAVATAR_TPP_FAIL)")
         if self.options.simulate_forward_ms is not None:
             time.sleep(self.options.simulate_forward_ms / 1000)
