@@ -82,11 +82,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> AvatarDiT:
-    try:
-        preset = DiTConfig.from_dict(OmegaConf.to_container(cfg.model.dit, resolve=True))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model={cfg.model.name}: {err}") from err
+def load_model(cfg: DictConfig, preset: DiTConfig, device: torch.device, dtype: torch.dtype) -> AvatarDiT:
     if cfg.checkpoint:
         try:
             model = AvatarDiT.from_pretrained(cfg.checkpoint, config=preset, dtype=dtype, device=device)
@@ -177,10 +173,13 @@ def prepare(cfg: DictConfig, with_model: bool = True, device: torch.device | Non
     torch.set_grad_enabled(False)
     try:
         settings = engine_settings(cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    try:
         dit = DiTConfig.from_dict(OmegaConf.to_container(cfg.model.dit, resolve=True))
     except (TypeError, ValueError) as err:
-        raise UserError(str(err)) from err
-    model = load_model(cfg, device, dtype) if with_model else None
+        raise UserError(f"model={cfg.model.name}: {err}") from err
+    model = load_model(cfg, dit, device, dtype) if with_model else None
     height, width = (int(v) for v in cfg.model.resolution)
     fps = float(cfg.model.fps)
 

@@ -17,18 +17,7 @@ from .stream import StreamCore
 
 class StreamBatchEngine:
     def __init__(self, core: StreamCore):
-        settings = core.settings
-        if settings.history != "timestep_forced":
-            raise ValueError(
-                "engine=stream_batch needs engine.history=timestep_forced: the in-flight blocks are at different "
-                "steps, and only the timestep-forced history gives each step its own cache"
-            )
-        steps = len(settings.steps)
-        if core.sink.changes and settings.switch_block < steps:
-            raise ValueError(
-                f"engine=stream_batch cannot switch the sink before block {steps} (the number of steps): "
-                f"engine.sink_switch_block={settings.switch_block}"
-            )
+        core.require_step_pipeline("stream_batch")
         self.core = core
 
     def stream(self, audio_blocks: Iterable[torch.Tensor | None]) -> Iterator[tuple[int, torch.Tensor]]:

@@ -144,6 +144,21 @@ class StreamCore:
         with torch.no_grad():
             self.context = model.embed_text(context.to(self.device))
 
+    def require_step_pipeline(self, engine: str) -> None:
+        """Raise unless the settings allow running the steps of different blocks at once (stream_batch, tpp):
+        timestep-forced history (each step its own cache) and a sink that switches no earlier than block N."""
+        settings, steps = self.settings, len(self.settings.steps)
+        if settings.history != "timestep_forced":
+            raise ValueError(
+                f"engine={engine} needs engine.history=timestep_forced: the in-flight blocks are at different "
+                "steps, and only the timestep-forced history gives each step its own cache"
+            )
+        if self.sink.changes and settings.switch_block < steps:
+            raise ValueError(
+                f"engine={engine} cannot switch the sink before block {steps} (the number of steps): "
+                f"engine.sink_switch_block={settings.switch_block}"
+            )
+
     # ------------------------------------------------------------------------------------------ helpers
     def block_shape(self) -> tuple[int, ...]:
         c, hh, ww = self.latent_shape

@@ -228,14 +228,10 @@ class DiTStage:
     """One denoising step of the pipeline (rank ``step``)."""
 
     def __init__(self, core: StreamCore, step: int, layout: Layout, channel: Channel, options: StageOptions):
-        settings = core.settings
-        if core.sink.changes and settings.switch_block < layout.steps:
-            raise ValueError(f"engine=tpp cannot switch the sink before block {layout.steps} (the number of "
-                             f"steps): engine.sink_switch_block={settings.switch_block}")
-        if settings.history != "timestep_forced":
-            raise ValueError("engine=tpp needs engine.history=timestep_forced: each rank keeps only its own step's cache")
+        core.require_step_pipeline("tpp")
         self.core, self.step, self.layout, self.channel, self.options = core, step, layout, channel, options
         self.last = step == layout.steps - 1
+        self.next_block = 0  # rank 0: index of the next block taken from the audio feed
 
     def _compute(self, x, block, grouped):
         core = self.core
@@ -266,8 +262,8 @@ class DiTStage:
                 return STOP, -1, None, None
             finally:
                 self.channel.stats.wait_s += time.perf_counter() - t0
-            self._block = getattr(self, "_block", -1) + 1
-            return BLOCK, self._block, self.core.noise(self._block, 0), grouped
+            block, self.next_block = self.next_block, self.next_block + 1
+            return BLOCK, block, self.core.noise(block, 0), grouped
         kind, block, tensors = self.channel.recv(self.step - 1)
         x = tensors[0] if tensors else None
         grouped = tensors[1] if len(tensors) > 1 else None
