@@ -19,8 +19,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# The toy world end to end on the CPU: teacher (Stage 0) -> Diffusion Forcing (Stage 1) -> streaming -> report.
+# Each step resumes or skips what an earlier `make demo` finished.
 demo: $(STAMP)
-	$(PY) infer.py output.path=outputs/demo/demo.mp4 max_seconds=4
+	$(PY) train.py experiment=toy_teacher
+	$(PY) train.py experiment=toy_df
+	$(PY) eval/toy_compare.py checkpoint=outputs/train/toy_df/model out=outputs/demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

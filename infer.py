@@ -4,22 +4,11 @@ Configuration: ``conf/infer.yaml`` (Hydra overrides on the command line). The lo
 ``liveavatar.inference``.
 """
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF = Path(__file__).resolve().parent / "conf"
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Name an unknown preset or engine in one line before Hydra composes (its own message is longer)."""
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in ("model", "engine") and value and not (CONF / key / f"{value}.yaml").is_file():
-            known = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
-            print(f"error: {key}={value}: unknown; choose one of {', '.join(known)}", file=sys.stderr)
-            sys.exit(2)
+from liveavatar.cli import check_group_choices
 
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
@@ -45,5 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
+    check_group_choices(sys.argv[1:], ("model", "engine"))
     main()

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .attention import AudioCrossAttention, CrossAttention, FP32LayerNorm, RMSNorm, SelfAttention, attend
 from .audio import AudioProjection
@@ -150,6 +151,7 @@ class AvatarDiT(nn.Module):
             # at zero so that a plain Wan checkpoint behaves exactly as before.
             self.ref_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.audio_proj = AudioProjection(cfg) if cfg.has_audio else None
+        self.gradient_checkpointing = False
         self._init_weights()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -266,9 +268,13 @@ class AvatarDiT(nn.Module):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, frames * pt, h * ph, w * pw)
 
     def run_blocks(self, x, e6, context, attention: SelfAttentionFn, audio=None, audio_offset: int = 0):
-        """All blocks in order (a hook for gradient checkpointing and for the engine)."""
+        """All blocks in order. With ``gradient_checkpointing`` set and gradients on, each block's activations
+        are recomputed in the backward pass instead of kept (memory of one block instead of all)."""
         for block in self.blocks:
-            x = block(x, e6, context, attention, audio, audio_offset)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = recompute_in_backward(block, x, e6, context, attention, audio, audio_offset, use_reentrant=False)
+            else:
+                x = block(x, e6, context, attention, audio, audio_offset)
         return x
 
     # ---------------------------------------------------------------------------------------- full forward

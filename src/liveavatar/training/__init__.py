@@ -1,0 +1,1 @@
+"""Training: LightningModules (teacher, Diffusion Forcing), data modules, run-folder handling."""

@@ -1,0 +1,127 @@
+"""Training data: the toy world generated on the fly, or preprocessed shards of real videos.
+
+Both give samples in one format (see :mod:`liveavatar.data.shards`)::
+
+    latents   [C, F, h, w]        VAE latents of F latent frames
+    reference [C, 1, h, w]        VAE latent of the reference image
+    audio     [V, layers, feat]   audio encoder features, one row per video frame
+    text      [text_len, text_dim] text embedding, zero-padded
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import toy
+from ..models.audio import EnergyMelFeatures
+from ..models.config import DiTConfig
+from ..models.text import RandomTextEncoder
+from ..models.vae import PatchVAE
+
+
+class ToyDataset(Dataset):
+    """Clips of the procedural toy world, encoded with the patch VAE and the weight-free audio features.
+
+    Clip ``i`` is ``toy.make_clip(seed * 1_000_003 + i, ...)``: deterministic, so a dataset is defined by its
+    ``seed`` and ``size`` and nothing is stored. Different seeds give disjoint identities in practice (held-out
+    evaluation uses another seed).
+
+    Args:
+        size: number of distinct clips (an epoch).
+        latent_frames: latent frames per sample (the patch VAE has no time compression: = video frames).
+        dit: the model config (text and audio widths).
+        resolution: ``(H, W)`` video size; space_factor: the patch VAE's factor; n_mels: audio feature bins.
+        prompt: the (constant) caption, embedded once with the deterministic random text encoder.
+    """
+
+    def __init__(self, size: int, latent_frames: int, dit: DiTConfig, resolution=(32, 32), space_factor: int = 2,
+                 n_mels: int = 31, seed: int = 0, prompt: str = "a person talking to the camera", fps: int = 25):
+        self.size, self.frames, self.seed, self.fps = int(size), int(latent_frames), int(seed), fps
+        self.resolution = tuple(int(v) for v in resolution)
+        self.vae = PatchVAE(space_factor)
+        self.audio = EnergyMelFeatures(n_mels=n_mels, fps=fps)
+        if dit.has_audio and (self.audio.num_layers, self.audio.feature_dim) != (dit.audio_layers_in, dit.audio_feature_dim):
+            raise ValueError(f"toy audio features are [{self.audio.num_layers}, {self.audio.feature_dim}] per frame; "
+                             f"the model expects [{dit.audio_layers_in}, {dit.audio_feature_dim}] (model.audio_encoder.n_mels)")
+        if self.vae.latent_channels != dit.in_dim:
+            raise ValueError(f"toy latents have {self.vae.latent_channels} channels; the model's in_dim is {dit.in_dim}")
+        context, _ = RandomTextEncoder(dit.text_dim, dit.text_len)([prompt])
+        self.text = torch.zeros(dit.text_len, dit.text_dim)
+        self.text[: context.shape[1]] = context[0]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def clip_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        clip = toy.make_clip(self.clip_seed(index), self.frames, size=self.resolution, fps=self.fps)
+        return {
+            "latents": self.vae.encode(clip.video[None])[0],
+            "reference": self.vae.encode(clip.reference[None, :, None])[0],
+            "audio": self.audio(clip.wav, self.frames)[0],
+            "text": self.text,
+        }
+
+
+@dataclass
+class DataSettings:
+    """``data.*`` keys (see ``conf/data/*.yaml``)."""
+
+    kind: str = "toy"               # toy | shards
+    path: str | None = None         # shards: the preprocessed folder
+    batch_size: int = 8
+    num_workers: int = 0
+    latent_frames: int = 6          # toy: latent frames per clip
+    size: int = 1_000_000           # toy: distinct clips
+    seed: int = 0                   # toy: which clips
+    prompt: str = "a person talking to the camera"
+
+
+class AvatarDataModule(L.LightningDataModule):
+    """Train loader over the toy world or shards; checks that the data fits the model before training."""
+
+    def __init__(self, settings: DataSettings, dit: DiTConfig, model_preset: dict):
+        super().__init__()
+        self.settings, self.dit, self.preset = settings, dit, model_preset
+        self.dataset: Dataset | None = None
+
+    def build(self) -> Dataset:
+        s = self.settings
+        if s.kind == "toy":
+            vae, enc = self.preset["vae"], self.preset["audio_encoder"]
+            if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
+                raise ValueError("data=toy needs a model preset with the patch VAE and energy_mel audio (model=tiny)")
+            return ToyDataset(s.size, s.latent_frames, self.dit, self.preset["resolution"], vae["space_factor"],
+                              enc["n_mels"], s.seed, s.prompt, int(self.preset["fps"]))
+        if s.kind == "shards":
+            from ..data.shards import ShardDataset
+
+            if not s.path:
+                raise ValueError("data=shards needs data.path (a folder written by python -m liveavatar.data.preprocess)")
+            dataset = ShardDataset(s.path)
+            dataset.check(self.dit)
+            return dataset
+        raise ValueError(f"data.kind must be toy or shards, got {s.kind!r}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = self.build()
+
+    def train_dataloader(self) -> DataLoader:
+        s = self.settings
+        return DataLoader(self.dataset, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
+                          drop_last=True, persistent_workers=s.num_workers > 0, collate_fn=collate)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; keep other fields (sources, starts) as lists."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

@@ -1,0 +1,101 @@
+"""The flow-matching loss of Stage 0 (bidirectional teacher) and Stage 1 (Diffusion Forcing).
+
+Both regress the velocity ``noise - x0`` of ``x_t = (1 - sigma) x0 + sigma noise``. They differ in the noise
+levels: the teacher draws one level per clip and attends bidirectionally; Diffusion Forcing draws an
+independent level per block of ``frames_per_block`` latent frames and attends block-causally, so that the
+model learns to denoise a block given history at any noise level (what the streaming engine asks of it).
+
+Conditioning dropout (for classifier-free guidance): each clip independently loses its text (zeros), its
+audio (zero features) or both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion.flow import FlowSchedule
+from ..models.dit import AvatarDiT
+
+
+@dataclass
+class FlowLossConfig:
+    """``loss.*`` keys of ``conf/train.yaml``."""
+
+    shift: float = 5.0                   # schedule shift k of the training noise levels
+    timesteps: str = "uniform"           # uniform (index into the shifted table) | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weighting: str = "none"              # none | bell (Self-Forcing's DF weight, peaked at t = 500)
+    drop_text: float = 0.1               # probability of zeroing a clip's text embedding
+    drop_audio: float = 0.1              # probability of zeroing a clip's audio features
+
+    def __post_init__(self):
+        if self.weighting not in ("none", "bell"):
+            raise ValueError(f"loss.weighting must be none or bell, got {self.weighting!r}")
+        for name in ("drop_text", "drop_audio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"loss.{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+class FlowMatchingLoss:
+    """Noise a batch, run the DiT, and return the (weighted) velocity MSE.
+
+    Args:
+        config: loss settings.
+        causal: Diffusion Forcing (block-causal mask, one level per block) instead of the teacher.
+        frames_per_block: latent frames per block (the model's ``frames_per_block``).
+    """
+
+    def __init__(self, config: FlowLossConfig, causal: bool, frames_per_block: int):
+        self.config, self.causal, self.frames_per_block = config, causal, frames_per_block
+        self.flow = FlowSchedule(config.shift)
+
+    def noise_levels(self, batch: int, frames: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Timesteps ``[B, F]``: constant per clip (teacher) or per block (Diffusion Forcing)."""
+        c = self.config
+        if not self.causal:
+            t = self.flow.sample_timesteps((batch,), generator, c.timesteps, c.logit_mean, c.logit_std)
+            return t[:, None].expand(batch, frames).to(device)
+        if frames % self.frames_per_block:
+            raise ValueError(f"clips of {frames} latent frames do not split into blocks of {self.frames_per_block}")
+        blocks = frames // self.frames_per_block
+        t = self.flow.sample_timesteps((batch, blocks), generator, c.timesteps, c.logit_mean, c.logit_std)
+        return t.repeat_interleave(self.frames_per_block, dim=1).to(device)
+
+    def drop_conditions(self, text: torch.Tensor, audio: torch.Tensor | None, generator=None):
+        """Zero each clip's text ``[B, L, D]`` and audio ``[B, V, ...]`` with the configured probabilities."""
+        b = text.shape[0]
+        keep_text = torch.rand(b, generator=generator) >= self.config.drop_text
+        text = text * keep_text.to(text)[:, None, None]
+        if audio is not None:
+            keep_audio = torch.rand(b, generator=generator) >= self.config.drop_audio
+            audio = audio * keep_audio.to(audio).reshape(b, *([1] * (audio.dim() - 1)))
+        return text, audio
+
+    def __call__(self, model: AvatarDiT, batch: dict[str, torch.Tensor],
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of ``model`` on ``batch`` (the sample format of :mod:`liveavatar.data`):
+        ``latents [B, C, F, h, w]``, ``reference [B, C, 1, h, w]``, ``audio [B, V, layers, feat]``,
+        ``text [B, L, text_dim]``. Returns the scalar loss and per-batch statistics for logging."""
+        x0 = batch["latents"].float()
+        b, _, frames = x0.shape[:3]
+        device = x0.device
+        t = self.noise_levels(b, frames, device, generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device) if generator is not None \
+            else torch.randn_like(x0)
+        xt = self.flow.add_noise(x0, noise, t)
+        audio = batch.get("audio") if model.audio_proj is not None else None
+        text, audio = self.drop_conditions(batch["text"].float(), audio, generator)
+        dtype = next(model.parameters()).dtype
+        v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
+                  causal=self.causal, reference=batch.get("reference").to(dtype) if "reference" in batch else None)
+        target = self.flow.velocity_target(x0, noise)
+        per_frame = F.mse_loss(v.float(), target, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
+        if self.config.weighting == "bell":
+            per_frame = per_frame * self.flow.training_weight(t)
+        loss = per_frame.mean()
+        with torch.no_grad():
+            x0_err = (self.flow.x0_from_velocity(xt, v.float(), t) - x0).abs().mean()
+        return loss, {"x0_error": x0_err, "mean_t": t.mean()}

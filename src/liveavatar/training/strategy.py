@@ -1,0 +1,58 @@
+"""Lightning strategies by name (``trainer.strategy``): ``auto`` / ``ddp`` as Lightning has them, ``fsdp`` with
+every DiT block its own shard unit (and optional activation checkpointing per block), and DeepSpeed ZeRO
+stages 2 and 3 (a single optimizer only, as Lightning's DeepSpeed strategy requires)."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+NAMES = ("auto", "ddp", "fsdp", "deepspeed")
+
+
+def build_strategy(spec: Any):
+    """``spec`` is a name (``auto``, ``ddp``) or a mapping ``{name: fsdp|deepspeed, ...options}``.
+
+    fsdp options: ``sharding`` (FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD), ``activation_checkpointing``,
+    ``cpu_offload``. deepspeed options: ``stage`` (2 or 3), ``offload_optimizer``, ``offload_parameters``.
+    """
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str):
+        if spec not in ("auto", "ddp"):
+            raise ValueError(f"trainer.strategy={spec}: use auto, ddp, or a mapping with name fsdp/deepspeed")
+        return spec
+    options = dict(spec)
+    name = options.pop("name", None)
+    if name in ("auto", "ddp"):
+        return name
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from ..models.dit import DiTBlock
+
+        checkpointing = options.pop("activation_checkpointing", False)
+        strategy = FSDPStrategy(
+            auto_wrap_policy={DiTBlock},
+            activation_checkpointing_policy={DiTBlock} if checkpointing else None,
+            sharding_strategy=options.pop("sharding", "FULL_SHARD"),
+            cpu_offload=options.pop("cpu_offload", False),
+            state_dict_type=options.pop("state_dict_type", "sharded"),
+        )
+    elif name == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise ValueError("trainer.strategy.name=deepspeed needs DeepSpeed: pip install 'liveavatar[deepspeed]'") from err
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = DeepSpeedStrategy(
+            stage=int(options.pop("stage", 2)),
+            offload_optimizer=options.pop("offload_optimizer", False),
+            offload_parameters=options.pop("offload_parameters", False),
+        )
+    else:
+        raise ValueError(f"trainer.strategy.name={name}: expected one of {NAMES}")
+    if options:
+        raise ValueError(f"trainer.strategy: unknown options for {name}: {', '.join(sorted(options))}")
+    return strategy

@@ -1,0 +1,299 @@
+"""Stage 0/1 training: the loss, the module, the run folder (resume, refusal), loggers, sweeps, LoRA, configs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from liveavatar.models import AvatarDiT
+from liveavatar.training.datamodule import ToyDataset, collate
+from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
+from liveavatar.training.launch import read_losses, train
+from liveavatar.training.lora import LoraSettings, apply_lora, merged_copy
+from liveavatar.training.run_folder import RunFolder, RunFolderError
+from liveavatar.training.strategy import build_strategy
+
+from conftest import randomise, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# A small, fast run: 3 latent frames (one block), batch 2.
+FAST = ["data.latent_frames=3", "data.batch_size=2", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+        "run.checkpoint_every=2", "progress=false"]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_train(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def toy_batch(dit, frames=3, batch=2):
+    data = ToyDataset(100, frames, dit)
+    return collate([data[i] for i in range(batch)])
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def test_noise_levels_per_clip_for_the_teacher_and_per_block_for_diffusion_forcing():
+    g = torch.Generator().manual_seed(0)
+    teacher = FlowMatchingLoss(FlowLossConfig(), causal=False, frames_per_block=3)
+    t = teacher.noise_levels(4, 9, "cpu", g)
+    assert t.shape == (4, 9) and torch.all(t == t[:, :1])
+    df = FlowMatchingLoss(FlowLossConfig(), causal=True, frames_per_block=3)
+    t = df.noise_levels(64, 9, "cpu", g)
+    blocks = t.reshape(64, 3, 3)
+    assert torch.all(blocks == blocks[:, :, :1])             # one level per block
+    assert (blocks[:, 0, 0] != blocks[:, 1, 0]).float().mean() > 0.9   # independent across blocks
+    assert t.min() >= 0 and t.max() <= 1000
+    with pytest.raises(ValueError, match="blocks of 3"):
+        df.noise_levels(1, 4, "cpu")
+
+
+def test_condition_dropout_zeroes_whole_clips():
+    g = torch.Generator().manual_seed(0)
+    loss = FlowMatchingLoss(FlowLossConfig(drop_text=1.0, drop_audio=0.0), causal=False, frames_per_block=1)
+    text, audio = loss.drop_conditions(torch.ones(3, 4, 5), torch.ones(3, 6, 1, 2), g)
+    assert text.abs().sum() == 0 and torch.all(audio == 1)
+    loss = FlowMatchingLoss(FlowLossConfig(drop_text=0.5, drop_audio=0.5), causal=False, frames_per_block=1)
+    text, audio = loss.drop_conditions(torch.ones(400, 2, 2), torch.ones(400, 3, 1, 2), g)
+    per_clip = text.sum(dim=(1, 2))
+    assert set(per_clip.unique().tolist()) == {0.0, 4.0}       # all or nothing per clip
+    assert 0.35 < (per_clip == 0).float().mean() < 0.65
+    with pytest.raises(ValueError):
+        FlowLossConfig(drop_text=1.5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_loss_equals_the_velocity_mse_of_a_direct_forward(causal):
+    dit = tiny_config(in_dim=12, out_dim=12, text_dim=32, text_len=16, frames_per_block=3, reference="concat",
+                      audio_dim=16, audio_feature_dim=32, audio_layers_in=1, audio_blocks=[0, 1])
+    model = randomise(AvatarDiT(dit), 0.05)
+    batch = toy_batch(dit, frames=6)
+    cfg = FlowLossConfig(drop_text=0.0, drop_audio=0.0)
+    loss_fn = FlowMatchingLoss(cfg, causal=causal, frames_per_block=3)
+    loss, _ = loss_fn(model, batch, torch.Generator().manual_seed(3))
+
+    # The same draws, by hand: timesteps first, then the noise.
+    g = torch.Generator().manual_seed(3)
+    t = loss_fn.noise_levels(2, 6, "cpu", g)
+    noise = torch.randn(batch["latents"].shape, generator=g)
+    sigma = (t / 1000)[:, None, :, None, None]
+    xt = (1 - sigma) * batch["latents"] + sigma * noise
+    v = model(xt, t, batch["text"], batch["audio"], causal=causal, reference=batch["reference"])
+    expected = (v - (noise - batch["latents"])).pow(2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dit):
+    model = tiny_dit(reference="sink")
+    x, t, ctx = torch.randn(1, 4, 4, 4, 4), torch.rand(1, 4) * 1000, torch.randn(1, 8, 32)
+    ref = torch.randn(1, 4, 1, 4, 4)
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(x, t, ctx, causal=True, reference=ref).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def test_toy_dataset_is_deterministic_and_fits_the_model():
+    dit = tiny_config(in_dim=12, out_dim=12, text_dim=32, text_len=16, audio_dim=16, audio_feature_dim=32,
+                      audio_layers_in=1, audio_blocks=[0])
+    data = ToyDataset(10, 6, dit)
+    a, b = data[3], data[3]
+    assert a["latents"].shape == (12, 6, 16, 16) and a["reference"].shape == (12, 1, 16, 16)
+    assert a["audio"].shape == (6, 1, 32) and a["text"].shape == (16, 32)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(data[4]["latents"], a["latents"])
+    with pytest.raises(ValueError, match="n_mels"):
+        ToyDataset(10, 6, tiny_config(in_dim=12, out_dim=12, audio_dim=16, audio_feature_dim=20, audio_blocks=[0]))
+    with pytest.raises(ValueError, match="in_dim"):
+        ToyDataset(10, 6, tiny_config(in_dim=4, out_dim=4))
+
+
+# -------------------------------------------------------------------------------------------- train runs
+def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path):
+    cfg = compose_train("experiment=toy_teacher", "data.batch_size=4", "data.latent_frames=3",
+                        "trainer.max_steps=60", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
+                        "run.checkpoint_every=100", "progress=false", f"run.dir={tmp_path / 'run'}")
+    done = train(cfg, tmp_path / "run")
+    assert done["steps"] == 60
+    steps, losses = read_losses(tmp_path / "run" / "logs" / "csv")
+    assert len(losses) >= 50
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    model = AvatarDiT.from_pretrained(tmp_path / "run" / "model")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 60
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state["state_dict"][f"model.{name}"])
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["steps"] == 60
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_a_killed_run_continues_from_its_last_checkpoint_with_the_same_command(tmp_path):
+    args = ["experiment=toy_df", "init_from=null", *FAST, "trainer.max_steps=5", f"run.dir={tmp_path / 'run'}"]
+    killed = run_train(*args, env={"LIVEAVATAR_TRAIN_KILL_AT_STEP": "3"})
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2                      # the checkpoint before the kill
+    assert not (tmp_path / "run" / "model").exists()
+
+    again = run_train(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout + again.stderr
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["steps"] == 5
+    steps, _ = read_losses(tmp_path / "run" / "logs" / "csv")
+    assert steps[-1] == 4 and 2 in steps                  # logged steps 0..4 across both launches
+
+
+def test_a_folder_holding_another_run_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_train("experiment=toy_teacher", *FAST, "trainer.max_steps=2", f"run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (run_dir / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    other = run_train("experiment=toy_teacher", *FAST, "trainer.max_steps=2", "optim.lr=0.5", f"run.dir={run_dir}")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].startswith("error: run.dir=")
+    assert "optim.lr" in other.stderr and "Traceback" not in other.stderr
+    assert (run_dir / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    forced = run_train("experiment=toy_teacher", *FAST, "trainer.max_steps=2", "optim.lr=0.5", "run.overwrite=true",
+                       f"run.dir={run_dir}")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert OmegaConf.load(run_dir / "config.yaml").optim.lr == 0.5
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    refused = run_train("experiment=toy_teacher", *FAST, f"run.dir={tmp_path / 'plain'}")
+    assert refused.returncode == 2 and "not a training run" in refused.stderr
+    assert (tmp_path / "plain" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_choices_and_missing_teacher_are_one_line_errors(tmp_path):
+    unknown = run_train("experiment=nope")
+    assert unknown.returncode == 2 and unknown.stderr.strip() == (
+        "error: experiment=nope: unknown; choose one of liveavatar_14b_df, toy_df, toy_teacher")
+    missing = run_train("experiment=toy_df", *FAST, f"init_from={tmp_path / 'absent'}", f"run.dir={tmp_path / 'r'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_sweep_runs_each_job_in_its_own_folder_and_loggers_write(tmp_path):
+    result = run_train("-m", "experiment=toy_teacher", *FAST, "trainer.max_steps=2", "model.rope.policy=absolute,rolling",
+                       "logger=tensorboard", f"run.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all("model.rope.policy=" in j for j in jobs), jobs
+    for job in jobs:
+        folder = tmp_path / "sweep" / job
+        assert (folder / "model" / "config.json").is_file()
+        assert list((folder / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+        assert list((folder / "logs" / "csv").rglob("metrics.csv"))
+    policies = {OmegaConf.load(tmp_path / "sweep" / j / "config.yaml").model.rope.policy for j in jobs}
+    assert policies == {"absolute", "rolling"}
+
+
+def test_wandb_logs_offline_without_network(tmp_path):
+    pytest.importorskip("wandb")
+    result = run_train("experiment=toy_teacher", *FAST, "trainer.max_steps=2", "logger=wandb",
+                       f"run.dir={tmp_path / 'run'}", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*"))
+
+
+# -------------------------------------------------------------------------------------------- run folder
+def test_run_folder_allows_a_longer_run_but_not_a_different_one(tmp_path):
+    cfg = compose_train("experiment=toy_teacher")
+    folder = RunFolder(tmp_path / "r")
+    assert folder.prepare(cfg) is None
+    folder.checkpoints.mkdir()
+    folder.last_checkpoint.write_bytes(b"x")
+    longer = compose_train("experiment=toy_teacher", "trainer.max_steps=5000")
+    assert folder.prepare(longer) == folder.last_checkpoint
+    with pytest.raises(RunFolderError, match="run.resume=true"):
+        folder.prepare(longer, resume=False)
+    with pytest.raises(RunFolderError, match="loss.shift"):
+        folder.prepare(compose_train("experiment=toy_teacher", "loss.shift=3"))
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+def test_lora_trains_adapters_and_additions_only_and_merges_exactly():
+    pytest.importorskip("peft")
+    dit = tiny_config(audio_dim=16, audio_feature_dim=8, audio_layers_in=1, audio_blocks=[0])
+    model = randomise(AvatarDiT(dit), 0.1)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraSettings(rank=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("audio_attn" in n for n in trainable)
+    assert not any(n.endswith("self_attn.q.base_layer.weight") for n in trainable)
+    assert not any(n.startswith("blocks.0.ffn.0.base") for n in trainable)
+    # Give the adapters non-zero weights (lora_B starts at zero), then compare merged vs adapted outputs.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x, t, ctx = torch.randn(1, 4, 2, 4, 4), torch.full((1,), 500.0), torch.randn(1, 8, 32)
+    audio = torch.randn(1, 2, 1, 8)
+    adapted = model(x, t, ctx, audio)
+    merged = merged_copy(model)
+    assert set(merged.state_dict()) == set(base)           # plain Wan names again
+    torch.testing.assert_close(merged(x, t, ctx, audio), adapted, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(merged.state_dict()["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
+    with pytest.raises(ValueError, match="match no linear layer"):
+        apply_lora(AvatarDiT(dit), LoraSettings(rank=2, targets=["nothing"]))
+
+
+# ----------------------------------------------------------------------------------------- configs, scale
+def test_experiments_compose_and_the_14b_recipe_is_bf16_fsdp_lora():
+    teacher = compose_train("experiment=toy_teacher")
+    df = compose_train("experiment=toy_df")
+    assert teacher.stage == "teacher" and df.stage == "diffusion_forcing"
+    assert df.init_from == "outputs/train/toy_teacher/model"
+    assert df.data.latent_frames % df.model.dit.frames_per_block == 0
+    big = compose_train("experiment=liveavatar_14b_df", "init_from=/ckpt", "data.path=/shards")
+    assert big.model.name == "wan2.1-14b" and big.trainer.precision == "bf16-true"
+    assert big.trainer.strategy.name == "fsdp" and big.trainer.strategy.activation_checkpointing
+    assert big.lora.rank > 0 and big.data.kind == "shards"
+    for zero in ("deepspeed_zero2", "deepspeed_zero3"):
+        cfg = compose_train("experiment=liveavatar_14b_df", f"trainer={zero}")
+        assert cfg.trainer.strategy.name == "deepspeed" and cfg.trainer.strategy.stage == int(zero[-1])
+
+
+def test_strategies_are_built_by_name():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from liveavatar.models.dit import DiTBlock
+
+    assert build_strategy("auto") == "auto"
+    fsdp = build_strategy({"name": "fsdp", "sharding": "SHARD_GRAD_OP", "activation_checkpointing": True})
+    assert isinstance(fsdp, FSDPStrategy)
+    assert DiTBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
+    assert fsdp.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert DiTBlock in fsdp._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert not build_strategy({"name": "fsdp"})._activation_checkpointing_kwargs
+    with pytest.raises(ValueError, match="unknown options"):
+        build_strategy({"name": "fsdp", "shardnig": "x"})
+    with pytest.raises(ValueError, match="expected one of"):
+        build_strategy({"name": "horovod"})
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install"):
+            build_strategy({"name": "deepspeed", "stage": 3})
