@@ -19,7 +19,8 @@ LATENT = (4, 4, 4)
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    cfg = tiny_config(reference="sink", frames_per_block=FPB, audio_dim=16, audio_feature_dim=8, audio_blocks=[1])
+    cfg = tiny_config(reference="sink", frames_per_block=FPB, audio_dim=16, audio_feature_dim=8, audio_blocks=[1],
+                      audio_modulation=True)
     model = randomise(AvatarDiT(cfg), std=0.1).eval()
     g = torch.Generator().manual_seed(1)
     context = torch.randn(1, 5, 32, generator=g)

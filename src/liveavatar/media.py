@@ -15,6 +15,7 @@ under the final name.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -521,6 +522,51 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
         raise MediaError(f"video file {p} contains no frames")
     video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     return video, float(rate) if rate else 0.0
+
+
+def iter_video_frames(path: str | os.PathLike, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """Decode ``path`` frame by frame and yield frames at ``fps``: float32 ``[3, H, W]`` in [-1, 1], ``size=(H, W)``.
+
+    Output frame ``j`` (time ``j / fps`` from the first decoded frame) is the decoded frame whose timestamp is
+    nearest to it; the clip lasts until the last frame's end, and yields ``floor(duration * fps)`` frames (a small
+    tolerance absorbs timestamp rounding, e.g. Matroska's milliseconds). Only chosen frames are converted to RGB
+    and resized (:func:`resize_crop`, per frame), and only the current and previous frames are held, so
+    long or high-resolution clips stream. Colour conversion and rotation are those of :func:`read_video`.
+    """
+    p = _check_file(path, "video")
+    step = 1.0 / fps
+    with _open_input(p, "video") as container:
+        if not container.streams.video:
+            raise MediaError(f"video file {p} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame-threaded decoding; frames come out the same
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        src_step = 1.0 / float(rate) if rate else step
+
+        cache: dict = {}
+
+        def convert(frame) -> torch.Tensor:  # the same frame may be picked for several output times
+            if cache.get("frame") is not frame:
+                rgb = torch.from_numpy(_frame_to_rgb(frame, "rgb24")).permute(2, 0, 1).float().div(127.5).sub(1)
+                cache.update(frame=frame, image=resize_crop(rgb, size))
+            return cache["image"]
+
+        prev, prev_t, t0, j = None, 0.0, None, 0
+        for i, frame in enumerate(container.decode(stream)):
+            t = frame.time if frame.time is not None else i * src_step
+            t0 = t if t0 is None else t0
+            t -= t0
+            if prev is not None:
+                while j * step <= (prev_t + t) / 2:  # output time closer to the previous frame
+                    yield convert(prev)
+                    j += 1
+            prev, prev_t = frame, max(t, prev_t)
+        if prev is None:
+            raise MediaError(f"video file {p} contains no frames")
+        total = math.floor((prev_t + src_step) * fps + 0.05)
+        while j < total:
+            yield convert(prev)
+            j += 1
 
 
 def probe(path: str | os.PathLike) -> dict:

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .. import media
-# media.read_video holds a whole clip at full size in memory; its decoding helpers let this module stream instead.
-from ..media import _check_file, _frame_to_rgb, _open_input
 from . import shards
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -183,51 +180,6 @@ def input_digest(root: Path, videos: list[Path]) -> str:
 # ------------------------------------------------------------------------------------------------- frames
 
 
-def resampled_frames(path: Path, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """Decode ``path`` frame by frame and yield frames at ``fps``: float32 ``[3, H, W]`` in [-1, 1], ``size=(H, W)``.
-
-    Output frame ``j`` (time ``j / fps`` from the first decoded frame) is the decoded frame whose timestamp is
-    nearest to it; the clip lasts until the last frame's end, and yields ``floor(duration * fps)`` frames (a small
-    tolerance absorbs timestamp rounding, e.g. Matroska's milliseconds). Only chosen frames are converted to RGB
-    and resized (:func:`media.resize_crop`, per frame), and only the current and previous frames are held, so
-    long or high-resolution clips stream. Colour conversion and rotation are those of :func:`media.read_video`.
-    """
-    p = _check_file(path, "video")
-    step = 1.0 / fps
-    with _open_input(p, "video") as container:
-        if not container.streams.video:
-            raise media.MediaError(f"video file {p} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame-threaded decoding; frames come out the same
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        src_step = 1.0 / float(rate) if rate else step
-
-        cache: dict = {}
-
-        def convert(frame) -> torch.Tensor:  # the same frame may be picked for several output times
-            if cache.get("frame") is not frame:
-                rgb = torch.from_numpy(_frame_to_rgb(frame, "rgb24")).permute(2, 0, 1).float().div(127.5).sub(1)
-                cache.update(frame=frame, image=media.resize_crop(rgb, size))
-            return cache["image"]
-
-        prev, prev_t, t0, j = None, 0.0, None, 0
-        for i, frame in enumerate(container.decode(stream)):
-            t = frame.time if frame.time is not None else i * src_step
-            t0 = t if t0 is None else t0
-            t -= t0
-            if prev is not None:
-                while j * step <= (prev_t + t) / 2:  # output time closer to the previous frame
-                    yield convert(prev)
-                    j += 1
-            prev, prev_t = frame, max(t, prev_t)
-        if prev is None:
-            raise media.MediaError(f"video file {p} contains no frames")
-        total = math.floor((prev_t + src_step) * fps + 0.05)
-        while j < total:
-            yield convert(prev)
-            j += 1
-
-
 # ------------------------------------------------------------------------------------------------ samples
 
 
@@ -286,7 +238,7 @@ class VideoEncoder:
 
             samples, frames, reference, count = [], [], None, 0
             ref_index = {"first": 0, "last": None}.get(s.reference_frame, s.reference_frame)  # None: keep the latest
-            for j, frame in enumerate(resampled_frames(path, s.fps, s.size)):
+            for j, frame in enumerate(media.iter_video_frames(path, s.fps, s.size)):
                 count = j + 1
                 if ref_index is None or j == ref_index:
                     reference = frame

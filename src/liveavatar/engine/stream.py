@@ -227,7 +227,7 @@ class StreamCore:
         attention = CachedAttention(self.cache, lane_t, rope_q, rope_cache, mask, frames if write else None)
 
         tokens = model.embed_video(x, self.reference)
-        e, e6 = model.time_modulation(t.to(self.device)[:, None].expand(n, f))
+        e, e6 = model.time_modulation(t.to(self.device)[:, None].expand(n, f), audio)
         context = self.context.expand(n, -1, -1)
         out = model.run_blocks(tokens, e6, context, attention, audio, 0)
         out = model.unpatchify(model.head(out, e).float(), f, self.latent_shape[1:])

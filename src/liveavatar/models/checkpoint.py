@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_SUFFIX = ".index.json"
-ADDITION_PREFIXES = ("audio_proj.", "ref_embedding.")
+ADDITION_PREFIXES = ("audio_proj.", "ref_embedding.", "audio_modulation.")
 ADDITION_INFIXES = (".audio_attn.",)
 
 # diffusers WanTransformer3DModel name -> Wan2.1 name (regex, replacement), applied in order.

@@ -43,6 +43,9 @@ class DiTConfig:
     audio_feature_dim: int = 768
     audio_layers_in: int = 1
     audio_blocks: list[int] = field(default_factory=list)
+    # Also add each latent frame's audio (mean of its tokens, through a zero-initialised linear map) to that
+    # frame's time embedding, so audio modulates every block's norms and gates per frame (adaptive norm).
+    audio_modulation: bool = False
     video_frames_per_latent: int = 4
 
     def __post_init__(self):

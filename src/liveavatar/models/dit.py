@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -151,6 +151,7 @@ class AvatarDiT(nn.Module):
             # at zero so that a plain Wan checkpoint behaves exactly as before.
             self.ref_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.audio_proj = AudioProjection(cfg) if cfg.has_audio else None
+        self.audio_modulation = nn.Linear(cfg.audio_dim, cfg.dim) if cfg.has_audio and cfg.audio_modulation else None
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -169,7 +170,7 @@ class AvatarDiT(nn.Module):
                     nn.init.normal_(layer.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
         for name, module in self.named_modules():
-            if name == "audio_proj" or name == "ref_embedding" or name.endswith(".audio_attn"):
+            if name in ("audio_proj", "ref_embedding", "audio_modulation") or name.endswith(".audio_attn"):
                 self.init_addition(name, module)
 
     @staticmethod
@@ -188,7 +189,7 @@ class AvatarDiT(nn.Module):
         if isinstance(module, AudioCrossAttention):
             nn.init.zeros_(module.attn.o.weight)
             nn.init.zeros_(module.attn.o.bias)
-        if name == "ref_embedding":
+        if name in ("ref_embedding", "audio_modulation"):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -229,11 +230,15 @@ class AvatarDiT(nn.Module):
         """Sink tokens ``[B, R * h * w, dim]`` of the reference latent ``[B, C, R, H, W]``."""
         return self.patch_embedding(reference.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
 
-    def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_modulation(self, t: torch.Tensor, audio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` ``[B, F]`` -> time embedding ``[B, F, dim]`` (for the head) and block modulation ``[B, F, 6, dim]``,
-        both float32."""
+        both float32. With ``audio_modulation``, audio tokens ``[B, F_audio, A, audio_dim]`` of the last ``F_audio``
+        frames are added to their frames' embeddings (earlier frames, the sink, get none)."""
         with torch.autocast(device_type=t.device.type, enabled=False):
             e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
+            if audio is not None and self.audio_modulation is not None:
+                shift = self.audio_modulation(audio.mean(2).to(self.audio_modulation.weight.dtype)).float()
+                e = torch.cat([e[:, : e.shape[1] - shift.shape[1]], e[:, e.shape[1] - shift.shape[1]:] + shift], dim=1)
             e6 = self.time_projection(e.to(self.time_embedding[0].weight.dtype)).float().unflatten(-1, (6, self.config.dim))
         return e, e6
 
@@ -324,12 +329,12 @@ class AvatarDiT(nn.Module):
             t = torch.cat([t.new_zeros(b, sink_frames), t], dim=1)
             frame_pos = torch.cat([reference_pos.to(frame_pos), frame_pos])
 
-        e, e6 = self.time_modulation(t)
-        rope = RotaryTable.for_grid(frame_pos, h, w, cfg.head_dim, cfg.rope_theta)
-        mask = self.attention_mask(frames, h * w, sink_frames, x.device) if causal else None
         if audio is not None and audio.shape[0] != b:
             raise ValueError(f"audio features for {audio.shape[0]} clips do not fit a batch of {b}")
         audio_tokens = self.embed_audio(audio, frames) if audio is not None else None
+        e, e6 = self.time_modulation(t, audio_tokens)
+        rope = RotaryTable.for_grid(frame_pos, h, w, cfg.head_dim, cfg.rope_theta)
+        mask = self.attention_mask(frames, h * w, sink_frames, x.device) if causal else None
         out = self.run_blocks(
             tokens, e6, self.embed_text(context), FullSequenceAttention(rope, mask), audio_tokens, sink_frames * h * w
         )
