@@ -235,3 +235,14 @@ def test_dit_accepts_audio_grouped_by_latent_frame():
     grouped = group_by_latent_frame(audio, latent_frames=3)
     torch.testing.assert_close(model.embed_audio(grouped), model.embed_audio(audio))
     torch.testing.assert_close(model(x, t, context, audio=grouped, causal=True), model(x, t, context, audio=audio, causal=True))
+
+
+def test_split_into_blocks_groups_each_block_like_one_whole_grouping():
+    from liveavatar.models.audio import blocks_for, split_into_blocks
+
+    features = torch.randn(1, 23, 2, 3)            # 23 video frames -> 7 latent frames -> 3 blocks of 3
+    blocks = split_into_blocks(features, 3, 4)
+    assert blocks_for(23, 3, 4) == len(blocks) == 3
+    whole = group_by_latent_frame(features, 9, 4)
+    torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
+    assert all(b.shape == (1, 3, 4, 2, 3) for b in blocks)

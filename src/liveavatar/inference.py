@@ -7,7 +7,6 @@ Every user mistake (a missing image, unreadable audio, a checkpoint that does no
 from __future__ import annotations
 
 import logging
-import math
 import time
 import json
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from . import media
 from .engine.batch import StreamBatchEngine
 from .engine.stream import EngineSettings, SequentialEngine, StreamCore
 from .models import AvatarDiT, DiTConfig
-from .models.audio import EnergyMelFeatures, Wav2Vec2Features, group_by_latent_frame, latent_frames_for
+from .models.audio import EnergyMelFeatures, Wav2Vec2Features, blocks_for, split_into_blocks
 from .models.checkpoint import CheckpointError
 from .models.text import build_text_encoder, load_precomputed
 from .models.vae import build_vae
@@ -209,15 +208,11 @@ def prepare(cfg: DictConfig, with_model: bool = True, device: torch.device | Non
 
     reference = vae.encode(image[None, :, None].to(device)).to(dtype)  # [1, C, 1, h, w]
     context = text_context(cfg, dit, device)
-    latent_frames = latent_frames_for(video_frames, dit.video_frames_per_latent)
-    per_block = dit.frames_per_block
-    blocks = math.ceil(latent_frames / per_block)
     if dit.has_audio:
         features = load_audio_encoder(cfg, device)(wav, video_frames)
-        grouped = group_by_latent_frame(features, blocks * per_block, dit.video_frames_per_latent)
-        audio_blocks = [grouped[:, b * per_block : (b + 1) * per_block] for b in range(blocks)]
+        audio_blocks = split_into_blocks(features, dit.frames_per_block, dit.video_frames_per_latent)
     else:
-        audio_blocks = [None] * blocks
+        audio_blocks = [None] * blocks_for(video_frames, dit.frames_per_block, dit.video_frames_per_latent)
     return Prepared(model, dit, settings, vae, reference, context, wav, fps, video_frames, audio_blocks)
 
 

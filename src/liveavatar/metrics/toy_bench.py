@@ -7,7 +7,6 @@ against the reference.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from ..data import toy
 from ..engine.stream import EngineSettings, SequentialEngine, StreamCore
 from ..models import AvatarDiT
-from ..models.audio import EnergyMelFeatures, group_by_latent_frame, latent_frames_for
+from ..models.audio import EnergyMelFeatures, split_into_blocks
 from ..models.text import RandomTextEncoder
 from ..models.vae import PatchVAE
 from .toy import score_video, identity_error
@@ -55,11 +54,8 @@ def stream_video(model: AvatarDiT, reference: torch.Tensor, wav: np.ndarray, eng
     device = next(model.parameters()).device
     ref_latent = vae.encode(reference[None, :, None].to(device))
     frames = len(wav) * toy.FPS // toy.SAMPLE_RATE
-    latent_frames = latent_frames_for(frames, cfg.video_frames_per_latent)
-    blocks = math.ceil(latent_frames / cfg.frames_per_block)
     features = EnergyMelFeatures(n_mels=bench.n_mels)(wav, frames)
-    grouped = group_by_latent_frame(features, blocks * cfg.frames_per_block, cfg.video_frames_per_latent)
-    audio_blocks = [grouped[:, b * cfg.frames_per_block:(b + 1) * cfg.frames_per_block] for b in range(blocks)]
+    audio_blocks = split_into_blocks(features, cfg.frames_per_block, cfg.video_frames_per_latent)
     context, _ = RandomTextEncoder(cfg.text_dim, cfg.text_len)([bench.prompt])
     core = StreamCore(model, engine, tuple(ref_latent.shape[i] for i in (1, 3, 4)), context, ref_latent,
                       seed=bench.noise_seed)

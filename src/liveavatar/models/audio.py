@@ -57,6 +57,19 @@ def group_by_latent_frame(features: torch.Tensor, latent_frames: int, per_latent
     return grouped.reshape(features.shape[0], latent_frames, per_latent, *features.shape[2:])
 
 
+def blocks_for(video_frames: int, frames_per_block: int, per_latent: int = 4) -> int:
+    """Blocks of ``frames_per_block`` latent frames needed to cover ``video_frames`` (the last one padded)."""
+    return math.ceil(latent_frames_for(video_frames, per_latent) / frames_per_block)
+
+
+def split_into_blocks(features: torch.Tensor, frames_per_block: int, per_latent: int = 4) -> list[torch.Tensor]:
+    """Per-video-frame features ``[B, V, ...]`` -> one tensor ``[B, frames_per_block, per_latent, ...]`` per block,
+    what the engines consume block by block (the last block repeats the final video frame as padding)."""
+    blocks = blocks_for(features.shape[1], frames_per_block, per_latent)
+    grouped = group_by_latent_frame(features, blocks * frames_per_block, per_latent)
+    return [grouped[:, b * frames_per_block : (b + 1) * frames_per_block] for b in range(blocks)]
+
+
 class AudioProjection(nn.Module):
     """Features ``[B, V, layers, feat]`` -> audio tokens ``[B, F, per_latent, audio_dim]`` (``audio_proj.*``).
 
