@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from liveavatar.cli import check_group_choices
+from liveavatar.cli import check_group_choices, fail
 
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
@@ -19,11 +19,9 @@ def main(cfg: DictConfig) -> None:
     try:
         report = run(cfg)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     except PeerFailure as err:
-        print(f"error: tpp stopped: {err}", file=sys.stderr)
-        sys.exit(3)
+        fail(f"tpp stopped: {err}", 3)
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)

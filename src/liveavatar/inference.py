@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import media
+from . import atomic, media
 from .engine.batch import StreamBatchEngine
 from .engine.stream import EngineSettings, SequentialEngine, StreamCore
 from .models import AvatarDiT, DiTConfig
@@ -56,9 +55,7 @@ class RunReport:
     def save(self, path: str | Path) -> None:
         """Write the figures as JSON (atomically)."""
         data = {**asdict(self), "path": str(self.path), "rtf": self.rtf, "fps": self.fps}
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        atomic.write_json(path, data)
 
     def summary(self) -> str:
         return (f"wrote {self.path} ({self.frames} frames, {self.seconds_of_video:.2f} s): time to first frame "

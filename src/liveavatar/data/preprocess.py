@@ -32,7 +32,6 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 SAMPLE_RATE = media.SAMPLE_RATE  # what the audio encoders expect
 REFERENCE_CHOICES = "first, last or a frame index >= 0"
 AUDIO_CONTEXTS = ("clip", "window")
-CONF = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (src/liveavatar/data/ -> root)
 
 
 class SkipVideo(Exception):
@@ -469,11 +468,11 @@ def run(cfg: DictConfig) -> Result:
 def main() -> None:
     import hydra
 
-    from ..cli import check_group_choices, fail
+    from ..cli import CONF, check_group_choices, fail
 
     if not (CONF / "preprocess.yaml").is_file():
         fail(f"{CONF}/preprocess.yaml not found (run from a source checkout)")
-    check_group_choices(sys.argv[1:], ("model",), CONF)
+    check_group_choices(sys.argv[1:], ("model",))
 
     @hydra.main(config_path=str(CONF), config_name="preprocess", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
@@ -482,8 +481,7 @@ def main() -> None:
         try:
             result = run(cfg)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(err))
         except KeyboardInterrupt:
             print(f"interrupted: {cfg.out} has no manifest; the next run starts over", file=sys.stderr)
             sys.exit(130)

@@ -1,7 +1,6 @@
 """Trained vs untrained on held-out toy clips (``eval/toy_compare.py``): report, plot and a video."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .. import media
+from .. import atomic, media
 from ..data import toy
 from ..inference import engine_settings
 from ..models import AvatarDiT, DiTConfig
@@ -132,9 +131,7 @@ def compare(cfg: DictConfig) -> str:
                      "engine": OmegaConf.to_container(cfg.engine, resolve=True),
                      "denoise": OmegaConf.to_container(cfg.denoise, resolve=True)},
     }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    atomic.write_json(out / "report.json", report)
     table = format_table(summary)
     files = ", ".join(str(p) for p in (out / "report.json", plot, out / "demo.mp4") if p is not None)
     return f"{table}\nwrote {files}"

@@ -3,7 +3,6 @@ from the config, fit (resuming when the folder holds this run), then export the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ..models import DiTConfig
+from .. import atomic
 from .datamodule import AvatarDataModule, DataSettings
 from .flow_module import FlowMatchingModule
 from .run_folder import RunFolder
@@ -141,8 +140,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("resuming %s from %s", run.path, resume_from)
 
     module = build_module(cfg)
-    dit = DiTConfig.from_dict(OmegaConf.to_container(cfg.model.dit, resolve=True))
-    data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), dit,
+    data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
                             OmegaConf.to_container(cfg.model, resolve=True))
     data.setup("fit")  # fail on unusable data before the trainer starts
 
@@ -165,9 +163,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero:
         module.export().save_pretrained(run.model)
         plot_loss(run.logs / "csv", run.path / "loss.png")
-        tmp = run.done.with_name(".done.json.tmp")
-        tmp.write_text(json.dumps(done, indent=2))
-        tmp.replace(run.done)
+        atomic.write_json(run.done, done)
     return done
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .. import atomic
+
 # Keys that may change between the launches of one run: how long it goes on and how it is watched.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_time", "trainer.log_every_n_steps", "logger", "run.resume",
                      "run.overwrite", "run.checkpoint_every", "progress", "data.num_workers")
@@ -126,6 +128,4 @@ class RunFolder:
             f.unlink(missing_ok=True)
 
     def _write_config(self, cfg: DictConfig) -> None:
-        tmp = self.config_path.with_name(".config.yaml.tmp")
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        tmp.replace(self.config_path)
+        atomic.write_text(self.config_path, OmegaConf.to_yaml(cfg, resolve=True))
