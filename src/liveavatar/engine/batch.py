@@ -42,8 +42,9 @@ class StreamBatchEngine:
             x = torch.cat([in_flight[s][1] for s in lanes])
             audio_list = [in_flight[s][2] for s in lanes]
             audio = torch.cat(audio_list) if audio_list[0] is not None else None
-            v = core.forward(x, core.timesteps[lanes], lanes, blocks, audio, write=True)
-            x0 = core.flow.x0_from_velocity(x, v, core.timesteps[lanes].to(x.device))
+            t = core.step_timesteps(lanes[0], lanes[-1] + 1)
+            v = core.forward(x, t, lanes, blocks, audio, write=True)
+            x0 = core.flow.x0_from_velocity(x, v, t)
             advanced: list = [None] * n_steps
             for i, s in enumerate(lanes):
                 b = blocks[i]

@@ -6,6 +6,10 @@ slots hold the sink (never evicted); the rest are a ring over latent frames (fra
 ``sink_frames + f % window_frames``). A *lane* is an independent stream of history: one per denoising step in
 the timestep-forced mode (each step keeps the history at its own noise level), or a single lane for the clean
 mode. Memory is fixed at construction: it does not grow with the length of the video.
+
+Keys and values live on the model's device. The bookkeeping (which slot holds which frame, which slots are
+filled) is plain host data: reading it never waits for the device. Engines address lanes as a contiguous
+range (``lo:hi``), so every read is a view and every write a slice copy: no index tensors, no gathers.
 """
 from __future__ import annotations
 
@@ -20,65 +24,62 @@ class KVCache:
         if window_frames < 0 or sink_frames < 0:
             raise ValueError("cache sizes must not be negative")
         self.sink_frames, self.window_frames, self.tokens_per_frame = sink_frames, window_frames, tokens_per_frame
-        slots = sink_frames + window_frames
-        shape = (layers, lanes, slots, tokens_per_frame, heads, head_dim)
+        self.lanes = lanes
+        self.slots = sink_frames + window_frames
+        shape = (layers, lanes, self.slots, tokens_per_frame, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # Time position of each slot: a fixed RoPE position for sink slots, the absolute latent frame index for
-        # history slots; ``valid`` marks filled slots.
-        self.frame = torch.zeros(lanes, slots, dtype=torch.long)
-        self.valid = torch.zeros(lanes, slots, dtype=torch.bool)
+        # Host bookkeeping per lane and slot: the training position of a sink frame, the stream frame index of
+        # a history frame (None: empty).
+        self.frame: list[list[int | None]] = [[None] * self.slots for _ in range(lanes)]
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def history_slots(self, frames: torch.Tensor) -> torch.Tensor:
-        """Ring slots of absolute latent frames ``frames`` (any shape)."""
+    def history_slot(self, frame: int) -> int:
+        """Ring slot of stream frame ``frame``."""
         if self.window_frames == 0:
             raise ValueError("the cache has no history window (window_frames = 0)")
-        return self.sink_frames + frames % self.window_frames
+        return self.sink_frames + frame % self.window_frames
 
-    def keys(self, layer: int, lanes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-rotated keys and values of ``lanes`` ``[n]``: ``[n, slots * T, H, D]`` each."""
-        k, v = self.k[layer, lanes], self.v[layer, lanes]
-        return k.flatten(1, 2), v.flatten(1, 2)
+    def view(self, layer: int, lanes: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated keys and values of ``lanes``: ``[n, slots * T, H, D]`` each (views, no copy)."""
+        return self.k[layer, lanes].flatten(1, 2), self.v[layer, lanes].flatten(1, 2)
 
-    def key_mask(self, lanes: torch.Tensor) -> torch.Tensor:
-        """``[n, slots * T]`` True for filled slots."""
-        return self.valid[lanes].repeat_interleave(self.tokens_per_frame, dim=1).to(self.k.device)
+    def valid(self, lane: int) -> tuple[bool, ...]:
+        return tuple(f is not None for f in self.frame[lane])
 
-    def write_history(self, layer: int, lanes: torch.Tensor, frames: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store ``k, v`` ``[n, F * T, H, D]`` of frames ``[n, F]`` (absolute indices) into the ring of ``lanes``."""
-        n, f = frames.shape
-        slots = self.history_slots(frames).to(self.k.device)
-        lane_idx = lanes.to(self.k.device)[:, None].expand(n, f)
-        shape = (n, f, self.tokens_per_frame, *k.shape[2:])
-        self.k[layer, lane_idx, slots] = k.reshape(shape).to(self.k.dtype)
-        self.v[layer, lane_idx, slots] = v.reshape(shape).to(self.v.dtype)
+    def write_history(self, layer: int, lanes: slice, starts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v`` ``[n, F * T, H, D]`` of the blocks starting at stream frames ``starts`` (one per lane of
+        ``lanes``). A block's frames occupy consecutive ring slots because the window is a whole number of
+        blocks."""
+        n = k.shape[0]
+        frames = k.shape[1] // self.tokens_per_frame
+        k = k.unflatten(1, (frames, self.tokens_per_frame))
+        v = v.unflatten(1, (frames, self.tokens_per_frame))
+        for i, start in enumerate(starts[:n]):
+            lane, slot = lanes.start + i, self.history_slot(start)
+            self.k[layer, lane, slot : slot + frames] = k[i]
+            self.v[layer, lane, slot : slot + frames] = v[i]
 
-    def commit_history(self, lanes: torch.Tensor, frames: torch.Tensor) -> None:
-        """Mark frames ``[n, F]`` as present (after all layers were written, so that a forward never sees the
-        slots it is writing as its own history)."""
-        slots = self.history_slots(frames)
-        lane_idx = lanes[:, None].expand_as(frames)
-        self.frame[lane_idx, slots] = frames
-        self.valid[lane_idx, slots] = True
+    def commit_history(self, lanes: slice, starts: list[int], frames: int) -> None:
+        """Mark the blocks as present (after all layers were written, so that a forward never sees the slots it
+        is writing as its own history)."""
+        for i, start in enumerate(starts):
+            slot = self.history_slot(start)
+            self.frame[lanes.start + i][slot : slot + frames] = list(range(start, start + frames))
 
-    def write_sink(self, layer: int, lanes: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_sink(self, layer: int, lanes: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store sink keys/values ``[R * T, H, D]`` (one sink, shared by all ``lanes``) in the first ``R`` slots."""
         r = k.shape[0] // self.tokens_per_frame
         if r > self.sink_frames:
             raise ValueError(f"a sink of {r} frames does not fit the cache's {self.sink_frames} sink slots")
-        shape = (r, self.tokens_per_frame, *k.shape[1:])
-        lane_idx = lanes.to(self.k.device)
-        self.k[layer, lane_idx, :r] = k.reshape(shape).to(self.k.dtype)
-        self.v[layer, lane_idx, :r] = v.reshape(shape).to(self.v.dtype)
+        self.k[layer, lanes, :r] = k.unflatten(0, (r, self.tokens_per_frame))
+        self.v[layer, lanes, :r] = v.unflatten(0, (r, self.tokens_per_frame))
 
-    def commit_sink(self, lanes: torch.Tensor, positions: torch.Tensor) -> None:
-        """Mark the first ``len(positions)`` slots of ``lanes`` as the sink at RoPE ``positions``; the rest of the
-        sink slots become empty."""
-        r = positions.numel()
-        self.frame[lanes, :r] = positions.long()
-        self.valid[lanes, : self.sink_frames] = False
-        self.valid[lanes, :r] = True
+    def commit_sink(self, lanes: slice, positions: tuple[int, ...]) -> None:
+        """Mark the first ``len(positions)`` slots of ``lanes`` as the sink with these training positions; the rest
+        of the sink slots become empty."""
+        for lane in range(lanes.start, lanes.stop):
+            self.frame[lane][: self.sink_frames] = list(positions) + [None] * (self.sink_frames - len(positions))

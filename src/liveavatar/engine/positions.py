@@ -1,16 +1,31 @@
-"""RoPE time positions of the current block, its history and the sink (``model.rope.policy``).
+"""RoPE time positions of the sink, the history and the current block (``model.rope.*``), the same in training
+and in streaming.
 
-Frames are indexed by their absolute latent frame number ``f``; the current block starts at frame ``n``. The
-sink sits at fixed positions (the reference at ``-1``, just before the first frame, as in training).
+Frames are numbered by their stream index ``f``; the current block starts at frame ``n``. RoPE only sees
+differences of positions, and history frames always keep their true offsets ``f - n`` to the current block, so a
+policy is defined by one number: the **sink offset** ``d(n)``, the sink's position minus the current block's
+first position. ``reference_position`` (``ref``, a property of the model) is where Stage 0/1 training put the
+reference relative to a clip's first frame: ``-1`` (just before it) for this project's models and Wan2.1,
+ahead of the clip for Wan-S2V.
 
-- ``absolute``: position ``f``. The baseline; positions grow without bound over a long video.
-- ``rolling`` (Live Avatar's Rolling RoPE): keys are cached un-rotated and re-rotated each step so that the
-  current block sits at ``min(n, window)`` and history keeps its offsets to it; once the window is full the
-  sink keeps one fixed relative distance to the current block, forever.
-- ``rapr`` (StreamAvatar's Reference-Anchored Positional Re-encoding): the same re-encoding with the distance
-  from the reference capped at ``D`` (``max_distance``): the current block sits at ``min(n, D - 1)``.
-For the first frames (``n`` below the cap) every policy gives the absolute positions, which is what a model
-trained on short clips has seen.
+- ``absolute`` (the baseline): ``d(n) = ref - n``; the sink drifts ever farther away over a long stream.
+- ``rolling`` (Live Avatar's Rolling RoPE, full paper, supplementary F): ``d(n) = max(ref - n, k)`` with the
+  rolling offset ``k`` (default: one block, the sink sits just AHEAD of the current block). The sink's index is
+  re-assigned every block, its un-rotated cached keys re-rotated, so the sink-to-current distance is ``k``
+  forever (until then, for a reference trained ahead of the clip, the training position itself).
+- ``rapr`` (StreamAvatar's Reference-Anchored Positional Re-encoding): ``d(n) = -min(n - ref, D)``: the
+  current block's distance to the reference is capped at ``D`` (``max_distance``); every cached key keeps its
+  offset to the current block. Needs a reference behind the clip.
+
+Multi-frame sinks (the reference plus the first block) keep their internal offsets: sink frame ``j`` trained at
+``p_j`` sits at ``n + d(n) + (p_j - ref)``. A configuration whose sink would land on a frame the current block
+sees (its own frames or the ``window_frames`` of history) is refused.
+
+Streaming keeps the numbers bounded: the current block sits at ``anchor(n) = min(n, window_frames)`` under
+``rolling`` and ``rapr`` (``n`` under ``absolute``), so positions never grow with the length of the stream.
+Training (:meth:`PositionPolicy.training_positions`) treats each clip as a window of a longer stream that starts
+at a random frame ``r`` in ``[0, train_shift]``, so a short clip shows the model the offsets a long stream
+produces.
 """
 from __future__ import annotations
 
@@ -24,22 +39,94 @@ POLICIES = ("absolute", "rolling", "rapr")
 @dataclass
 class PositionPolicy:
     policy: str = "rolling"
-    window_frames: int = 9
-    max_distance: int = 10
+    frames_per_block: int = 3
+    window_frames: int = 9            # history frames a block attends to (window_blocks * frames_per_block)
+    reference_position: int = -1      # the reference's training position relative to a clip's first frame
+    rolling_offset: int | None = None  # k of rolling (None: frames_per_block, just past the current block)
+    max_distance: int = 10            # D of rapr
+    train_shift: int = 0              # training: clips start at a random stream frame in [0, train_shift]
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"model.rope.policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.policy == "rapr" and self.max_distance < 1:
-            raise ValueError("model.rope.max_distance must be at least 1")
+        if self.rolling_offset is None:
+            self.rolling_offset = self.frames_per_block
+        if self.train_shift < 0:
+            raise ValueError(f"model.rope.train_shift must not be negative, got {self.train_shift}")
+        if self.policy == "rapr":
+            if self.reference_position >= 0:
+                raise ValueError(f"model.rope.policy=rapr caps the distance to a reference BEHIND the clip; this "
+                                 f"model's reference_position is {self.reference_position}")
+            if self.max_distance < 1:
+                raise ValueError(f"model.rope.max_distance must be at least 1, got {self.max_distance}")
+
+    # ---------------------------------------------------------------------------------------------- policy
+    def sink_offset(self, n: int) -> int:
+        """Position of the sink (its reference frame) minus that of the first frame of the block at ``n``."""
+        ref = self.reference_position
+        if self.policy == "absolute":
+            return ref - n
+        if self.policy == "rolling":
+            return max(ref - n, self.rolling_offset)
+        return -min(n - ref, self.max_distance)
 
     def anchor(self, n: int) -> int:
-        """Position given to the first frame of the block that starts at latent frame ``n``."""
-        if self.policy == "absolute":
-            return n
-        cap = self.window_frames if self.policy == "rolling" else self.max_distance - 1
-        return min(n, cap)
+        """Streaming position of the first frame of the block that starts at stream frame ``n``."""
+        return n if self.policy == "absolute" else min(n, self.window_frames)
 
-    def positions(self, frames: torch.Tensor, n: int) -> torch.Tensor:
-        """Positions of frames ``frames`` (absolute indices, any shape) seen from the block starting at ``n``."""
+    def frame_positions(self, frames: torch.Tensor, n: int) -> torch.Tensor:
+        """Streaming positions of stream frames ``frames`` (any shape) seen from the block at ``n``."""
         return frames - n + self.anchor(n)
+
+    def sink_positions(self, trained: torch.Tensor, n: int) -> torch.Tensor:
+        """Streaming positions of sink frames whose training positions are ``trained`` (``[R]``), seen from the
+        block at ``n``."""
+        return trained - self.reference_position + self.anchor(n) + self.sink_offset(n)
+
+    # -------------------------------------------------------------------------------------------- checks
+    def check(self, sink_trained: list[int], from_frame: int = 0) -> None:
+        """Raise if, for a block from stream frame ``from_frame`` on, a sink frame (training positions
+        ``sink_trained``) would share a position with a frame that block attends to (its own ``frames_per_block``
+        frames or up to ``window_frames`` of history). Offsets settle after a few windows, so a finite scan is
+        exhaustive."""
+        if not sink_trained:
+            return
+        f, w = self.frames_per_block, self.window_frames
+        extent = max(abs(self.reference_position), self.max_distance, abs(self.rolling_offset), w) + w + 2 * f
+        for n in range(from_frame, from_frame + extent + 1, f):
+            seen = set(range(-min(n, w), f))
+            sink = {self.sink_offset(n) + p - self.reference_position for p in sink_trained}
+            clash = sorted(seen & sink)
+            if clash:
+                raise ValueError(
+                    f"model.rope.policy={self.policy}: at stream frame {n} the sink would sit at offset {clash[0]} "
+                    f"from the current block, on a frame it attends to (history window {w} frames, block {f}); "
+                    + self._remedy())
+
+    def _remedy(self) -> str:
+        if self.policy == "rapr":
+            return f"model.rope.max_distance ({self.max_distance}) must exceed the history window plus the sink"
+        if self.policy == "rolling":
+            return (f"model.rope.rolling_offset ({self.rolling_offset}) must be at least frames_per_block "
+                    f"({self.frames_per_block}) or behind the whole window")
+        return "the reference is trained inside the range of streamed positions"
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_positions(self, batch: int, frames: int, generator: torch.Generator | None = None,
+                           device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions for a block-causal training forward over clips of ``frames`` latent frames.
+
+        Each clip starts at a random stream frame ``r`` in ``[0, train_shift]``; frame ``i`` sits at ``r + i`` and
+        block ``j``'s sink at ``r + j f + d(r + j f)``.
+
+        Returns:
+            frame positions ``[B, F]`` and the reference's position per block ``[B, F / f]`` (long).
+        """
+        f = self.frames_per_block
+        if frames % f:
+            raise ValueError(f"clips of {frames} latent frames do not split into blocks of {f}")
+        start = torch.randint(0, self.train_shift + 1, (batch,), generator=generator)
+        frame_pos = start[:, None] + torch.arange(frames)[None]
+        sink = torch.tensor([[s + j * f + self.sink_offset(s + j * f) for j in range(frames // f)]
+                             for s in start.tolist()])
+        return frame_pos.to(device), sink.to(device)

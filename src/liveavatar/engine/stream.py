@@ -24,7 +24,7 @@ import torch
 from ..diffusion.flow import FlowSchedule
 from ..models.attention import attend
 from ..models.dit import AvatarDiT
-from ..models.rope import RotaryTable
+from ..models.rope import RopeTables, RotaryTable
 from .cache import KVCache
 from .positions import PositionPolicy
 from .sink import SinkSchedule, SinkState
@@ -45,6 +45,7 @@ class EngineSettings:
     window_blocks: int = 3
     rope_policy: str = "rolling"
     rapr_distance: int = 10
+    rolling_offset: int | None = None
     context_noise: float = 0.0
 
     def __post_init__(self):
@@ -67,32 +68,41 @@ def block_noise(seed: int, block: int, step: int, shape, device, dtype=torch.flo
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def lane_range(lanes: list[int]) -> slice:
+    """The lanes of one forward as a slice: engines always run a contiguous range of lanes (the in-flight steps of
+    stream_batch are consecutive), which lets the cache hand out views instead of gathering."""
+    lo = lanes[0]
+    if list(lanes) != list(range(lo, lo + len(lanes))):
+        raise ValueError(f"a forward runs a contiguous range of cache lanes, got {list(lanes)}")
+    return slice(lo, lo + len(lanes))
+
+
 class CachedAttention:
     """Self-attention of the current blocks of ``lanes`` over their cache (sink + history) and themselves.
 
     Keys in the cache are un-rotated; they are rotated here at the positions the policy gives them from the
-    current block. With ``write_frames`` the blocks' own keys and values are stored after attending.
+    current block. With ``write_starts`` the blocks' own keys and values are stored after attending.
     """
 
-    def __init__(self, cache: KVCache, lanes: torch.Tensor, rope_q: RotaryTable, rope_cache: RotaryTable,
-                 mask: torch.Tensor | None, write_frames: torch.Tensor | None):
+    def __init__(self, cache: KVCache, lanes: slice, rope_q: RotaryTable, rope_cache: RotaryTable,
+                 mask: torch.Tensor | None, write_starts: list[int] | None):
         self.cache, self.lanes, self.rope_q, self.rope_cache = cache, lanes, rope_q, rope_cache
-        self.mask, self.write_frames = mask, write_frames
+        self.mask, self.write_starts = mask, write_starts
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.cache.keys(layer, self.lanes)
-        keys = torch.cat([self.rope_cache.rotate(ck).to(k.dtype), self.rope_q.rotate(k)], dim=1)
-        values = torch.cat([cv.to(v.dtype), v], dim=1)
+        ck, cv = self.cache.view(layer, self.lanes)
+        keys = torch.cat([self.rope_cache.rotate(ck), self.rope_q.rotate(k)], dim=1)
+        values = torch.cat([cv, v], dim=1)
         out = attend(self.rope_q.rotate(q), keys, values, self.mask)
-        if self.write_frames is not None:
-            self.cache.write_history(layer, self.lanes, self.write_frames, k, v)
+        if self.write_starts is not None:
+            self.cache.write_history(layer, self.lanes, self.write_starts, k, v)
         return out
 
 
 class SinkAttention:
     """Self-attention of the sink frames among themselves; stores their keys/values in every lane's sink."""
 
-    def __init__(self, cache: KVCache, lanes: torch.Tensor, rope: RotaryTable):
+    def __init__(self, cache: KVCache, lanes: slice, rope: RotaryTable):
         self.cache, self.lanes, self.rope = cache, lanes, rope
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,6 +112,11 @@ class SinkAttention:
 
 class StreamCore:
     """Model, conditioning, schedule and KV cache of one stream; runs forwards of several lanes at once.
+
+    Everything a forward touches lives on the model's device: the cache, the RoPE tables (built there and
+    cached by position), the attention masks (cached by fill pattern), the timesteps and the text's
+    cross-attention keys and values (computed once per stream). The host keeps only bookkeeping (slot frames,
+    block indices), so a forward never waits for the device.
 
     Args:
         model: the DiT (eval mode).
@@ -124,25 +139,31 @@ class StreamCore:
             raise ValueError(f"latents have {c} channels but the model takes in_dim={cfg.in_dim}")
         self.h, self.w = model.token_grid((hh, ww))
         self.latent_shape = latent_shape
-        self.frames_per_block = cfg.frames_per_block
+        self.frames_per_block = f = cfg.frames_per_block
         self.flow = FlowSchedule(settings.shift)
         self.timesteps = self.flow.warp(settings.steps)
-        self.sigmas = self.timesteps / self.flow.num_train_timesteps
+        self.timesteps_device = self.timesteps.to(self.device)
         if reference is not None and cfg.reference == "none":
             reference = None
         if settings.sink != "none" and cfg.reference != "sink":
             raise ValueError(f"engine.sink={settings.sink} needs a model with reference='sink' (this one: {cfg.reference!r})")
-        self.reference = reference.to(self.device) if reference is not None else None
-        self.sink = SinkSchedule(settings.sink, self.reference, self.frames_per_block, settings.switch_block,
-                                 settings.keep_first_block)
-        window_frames = settings.window_blocks * self.frames_per_block
-        self.positions = PositionPolicy(settings.rope_policy, window_frames, settings.rapr_distance)
+        self.reference = reference.to(device=self.device, dtype=self.dtype) if reference is not None else None
+        self.sink = SinkSchedule(settings.sink, self.reference, f, settings.switch_block,
+                                 settings.keep_first_block, cfg.reference_position)
+        window_frames = settings.window_blocks * f
+        self.positions = PositionPolicy(settings.rope_policy, f, window_frames, cfg.reference_position,
+                                        settings.rolling_offset, settings.rapr_distance)
+        self.positions.check(list(self.sink.trained_positions(0)))
+        if self.sink.changes:
+            self.positions.check(list(self.sink.trained_positions(1)), from_frame=settings.switch_block * f)
         n_lanes = lanes if lanes is not None else (len(settings.steps) if settings.history == "timestep_forced" else 1)
         self.cache = KVCache(cfg.num_layers, n_lanes, self.sink.capacity, window_frames, self.h * self.w,
                              cfg.num_heads, cfg.head_dim, self.dtype, self.device)
+        self.rope = RopeTables(self.h, self.w, cfg.head_dim, cfg.rope_theta, self.device)
+        self._masks: dict[tuple, torch.Tensor] = {}
         self.lane_sink_version = [-1] * n_lanes
         with torch.no_grad():
-            self.context = model.embed_text(context.to(self.device))
+            self.text = model.text_kv(model.embed_text(context.to(self.device)))
 
     def require_step_pipeline(self, engine: str) -> None:
         """Raise unless the settings allow running the steps of different blocks at once (stream_batch, tpp):
@@ -167,8 +188,38 @@ class StreamCore:
     def noise(self, block: int, step: int) -> torch.Tensor:
         return block_noise(self.seed, block, step, self.block_shape(), self.device)
 
-    def _rope(self, positions: torch.Tensor) -> RotaryTable:
-        return RotaryTable.for_grid(positions, self.h, self.w, self.model.config.head_dim, self.model.config.rope_theta)
+    def step_timesteps(self, lo: int, hi: int | None = None) -> torch.Tensor:
+        """Timesteps of steps ``lo .. hi - 1`` on the device, ``[n]``."""
+        return self.timesteps_device[lo : (lo + 1 if hi is None else hi)]
+
+    def slot_positions(self, lane: int, start: int) -> tuple[int, ...]:
+        """RoPE position of every cache slot of ``lane`` seen from the block starting at frame ``start`` (empty
+        slots get 0: they are masked)."""
+        policy, sink = self.positions, self.cache.sink_frames
+        out = []
+        for slot, frame in enumerate(self.cache.frame[lane]):
+            if frame is None:
+                out.append(0)
+            elif slot < sink:
+                out.append(int(policy.sink_positions(frame, start)))
+            else:
+                out.append(int(policy.frame_positions(frame, start)))
+        return tuple(out)
+
+    def attention_mask(self, lanes: list[int]) -> torch.Tensor | None:
+        """``[n, 1, 1, slots * T + F * T]`` (True: may attend) for the lanes' filled slots and their own block;
+        None once every slot is filled. Cached by fill pattern (a handful while the cache fills up)."""
+        pattern = tuple(self.cache.valid(lane) for lane in lanes)
+        if all(all(p) for p in pattern):
+            return None
+        if pattern not in self._masks:
+            own = [True] * self.frames_per_block
+            frames = torch.tensor([list(p) + own for p in pattern])
+            mask = frames.repeat_interleave(self.h * self.w, dim=1)[:, None, None, :]
+            if len(self._masks) >= 64:
+                self._masks.clear()
+            self._masks[pattern] = mask.to(self.device)
+        return self._masks[pattern]
 
     # --------------------------------------------------------------------------------------------- sink
     @torch.no_grad()
@@ -176,17 +227,18 @@ class StreamCore:
         """Make lane ``lane`` hold the sink that block ``block`` attends to."""
         state = self.sink.for_block(block)
         if self.lane_sink_version[lane] != state.version:
-            self.write_sink(torch.tensor([lane]), state)
+            self.write_sink(slice(lane, lane + 1), state)
             self.lane_sink_version[lane] = state.version
 
-    def write_sink(self, lanes: torch.Tensor, state: SinkState) -> None:
+    def write_sink(self, lanes: slice, state: SinkState) -> None:
+        """Run the sink frames through the model (they see only themselves, at their training positions: only
+        their offsets to each other matter) and store their un-rotated keys and values in ``lanes``."""
         if state.latents is None:
             return
         model = self.model
         tokens = model.embed_reference(state.latents)
-        r = state.latents.shape[2]
-        _, e6 = model.time_modulation(torch.zeros(1, r, device=self.device))
-        model.run_blocks(tokens, e6, self.context, SinkAttention(self.cache, lanes, self._rope(state.positions)))
+        _, e6 = model.time_modulation(torch.zeros(1, len(state.positions), device=self.device))
+        model.run_blocks(tokens, e6, self.text, SinkAttention(self.cache, lanes, self.rope.table(state.positions)))
         self.cache.commit_sink(lanes, state.positions)
 
     # ------------------------------------------------------------------------------------------ forward
@@ -197,8 +249,8 @@ class StreamCore:
 
         Args:
             x: ``[n, C, F, H, W]`` noisy block latents, one per lane.
-            t: ``[n]`` timesteps.
-            lanes, blocks: the lane and the block index of each of the ``n`` inputs.
+            t: ``[n]`` timesteps (on the model's device: :meth:`step_timesteps`).
+            lanes, blocks: the lane (a contiguous range) and the block index of each of the ``n`` inputs.
             audio: ``[n, F, A, audio_dim]`` audio tokens of the blocks, or None.
             write: store the blocks' keys/values as history of their lanes.
         Returns:
@@ -208,32 +260,25 @@ class StreamCore:
         n = x.shape[0]
         for lane, block in zip(lanes, blocks):
             self.ensure_sink(lane, block)
-        lane_t = torch.tensor(lanes)
-        starts = [b * f for b in blocks]
-        frames = torch.stack([torch.arange(s, s + f) for s in starts])  # [n, F]
-        rope_q = RotaryTable.stack([self._rope(self.positions.positions(fr, s)) for fr, s in zip(frames, starts)])
-        slot_pos = []
-        for lane, s in zip(lanes, starts):
-            pos = self.cache.frame[lane].clone()
-            hist = slice(self.cache.sink_frames, None)
-            pos[hist] = self.positions.positions(pos[hist], s)
-            slot_pos.append(pos)
-        rope_cache = RotaryTable.stack([self._rope(p) for p in slot_pos])
-        valid = self.cache.key_mask(lane_t)
-        mask = None
-        if not bool(valid.all()):
-            own = torch.ones(n, f * self.h * self.w, dtype=torch.bool, device=self.device)
-            mask = torch.cat([valid, own], dim=1)[:, None, None, :]
-        attention = CachedAttention(self.cache, lane_t, rope_q, rope_cache, mask, frames if write else None)
-
+        attention = self.plan_attention(lanes, blocks, write)
         tokens = model.embed_video(x, self.reference)
         e, e6 = model.time_modulation(t.to(self.device)[:, None].expand(n, f), audio)
-        context = self.context.expand(n, -1, -1)
-        out = model.run_blocks(tokens, e6, context, attention, audio, 0)
+        out = model.run_blocks(tokens, e6, self.text, attention, audio, 0)
         out = model.unpatchify(model.head(out, e).float(), f, self.latent_shape[1:])
         if write:
-            self.cache.commit_history(lane_t, frames)
+            self.cache.commit_history(attention.lanes, attention.write_starts, f)
         return out
+
+    def plan_attention(self, lanes: list[int], blocks: list[int], write: bool) -> CachedAttention:
+        """The host-side half of a forward: positions of the blocks and of every cache slot under the policy,
+        their (cached) RoPE tables and the fill mask, for the blocks ``blocks`` of ``lanes``."""
+        f = self.frames_per_block
+        starts = [b * f for b in blocks]
+        anchors = [self.positions.anchor(s) for s in starts]
+        rope_q = self.rope.stacked(tuple(tuple(range(a, a + f)) for a in anchors))
+        rope_cache = self.rope.stacked(tuple(self.slot_positions(lane, s) for lane, s in zip(lanes, starts)))
+        return CachedAttention(self.cache, lane_range(lanes), rope_q, rope_cache, self.attention_mask(lanes),
+                               starts if write else None)
 
     def audio_tokens(self, grouped: torch.Tensor | None) -> torch.Tensor | None:
         """Grouped block features ``[1, F, per_latent, layers, feat]`` -> tokens ``[1, F, per_latent, audio_dim]``."""
@@ -244,18 +289,18 @@ class StreamCore:
 
     def step_output(self, x: torch.Tensor, v: torch.Tensor, step: int) -> torch.Tensor:
         """Clean estimate ``x0`` from the velocity at step ``step`` (``[n, ...]``, one step for all)."""
-        return self.flow.x0_from_velocity(x, v, self.timesteps[step].expand(x.shape[0]).to(x.device))
+        return self.flow.x0_from_velocity(x, v, self.step_timesteps(step).expand(x.shape[0]))
 
     def renoise(self, x0: torch.Tensor, block: int, step: int) -> torch.Tensor:
         """Input of step ``step`` of block ``block``: ``x0`` noised to that step's level with its own noise."""
-        t = self.timesteps[step].reshape(1).to(x0.device)
-        return self.flow.add_noise(x0, self.noise(block, step), t)
+        return self.flow.add_noise(x0, self.noise(block, step), self.step_timesteps(step))
 
     def write_clean(self, x0: torch.Tensor, block: int, audio: torch.Tensor | None) -> None:
         """Clean history: re-forward the finished block at ``t = context_noise`` to write its keys/values."""
-        tc = float(self.settings.context_noise)
-        x = x0 if tc == 0 else self.flow.add_noise(x0, self.noise(block, len(self.settings.steps)), torch.tensor([tc]))
-        self.forward(x, torch.tensor([tc]), [0], [block], audio, write=True)
+        tc = torch.full((1,), float(self.settings.context_noise), device=self.device)
+        x = x0 if self.settings.context_noise == 0 else self.flow.add_noise(
+            x0, self.noise(block, len(self.settings.steps)), tc)
+        self.forward(x, tc, [0], [block], audio, write=True)
 
 
 class SequentialEngine:
@@ -273,7 +318,7 @@ class SequentialEngine:
             x = core.noise(b, 0)
             for s in range(len(core.timesteps)):
                 lane = s if timestep_forced else 0
-                v = core.forward(x, core.timesteps[s].reshape(1), [lane], [b], audio, write=timestep_forced)
+                v = core.forward(x, core.step_timesteps(s), [lane], [b], audio, write=timestep_forced)
                 x0 = core.step_output(x, v, s)
                 if s + 1 < len(core.timesteps):
                     x = core.renoise(x0, b, s + 1)

@@ -97,9 +97,14 @@ class CrossAttention(nn.Module):
         heads = (self.num_heads, self.head_dim)
         return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` ``[B, L, dim]`` attends to ``context`` ``[B, S, context_dim]``, or to its keys and values ``kv``
+        precomputed by :meth:`context_kv` (``[1 or B, S, H, D]``; a stream computes them once)."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = self.context_kv(context)
+        k, v = kv if kv is not None else self.context_kv(context)
+        if k.shape[0] != q.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         return self.o(attend(q, k, v))
 
 

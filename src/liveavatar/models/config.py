@@ -36,6 +36,9 @@ class DiTConfig:
     # Reference image conditioning: "sink" prepends its tokens, "concat" adds it on channels to every frame
     # (a zero-initialised second patch embedding: the same as Wan's i2v channel concatenation), "none".
     reference: str = "sink"
+    # Where training puts the reference's RoPE time position, relative to a clip's first frame (-1: just before
+    # it). Position policies (engine, Stage 1/2 training) keep offsets relative to it.
+    reference_position: int = -1
     # Audio: features [B, video_frames, audio_layers_in, audio_feature_dim] from an audio encoder, grouped
     # by latent frame (video_frames_per_latent video frames each, the first latent frame alone), projected to
     # audio_dim and attended by the blocks listed in audio_blocks. audio_dim = 0 disables audio.

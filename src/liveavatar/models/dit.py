@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from ..devices import autocast_disabled
 from .attention import AudioCrossAttention, CrossAttention, FP32LayerNorm, RMSNorm, SelfAttention, attend
 from .audio import AudioProjection
 from .config import DiTConfig
+from .layout import sequence_attention
 from .rope import RotaryTable
 
 
@@ -46,14 +48,11 @@ class SelfAttentionFn(Protocol):
 
 
 @dataclass
-class FullSequenceAttention:
-    """Self-attention over the whole token sequence with one RoPE table and an optional boolean mask."""
+class TextKV:
+    """The text cross-attention keys and values of every block, ``[1, S, H, D]`` each: a stream's text does not
+    change, so they are computed once (:meth:`AvatarDiT.text_kv`) instead of in every forward."""
 
-    rope: RotaryTable
-    mask: torch.Tensor | None = None
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend(self.rope.rotate(q), self.rope.rotate(k), v, self.mask)
+    per_block: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
@@ -101,7 +100,7 @@ class DiTBlock(nn.Module):
         Args:
             x: ``[B, L, dim]`` tokens of ``F`` frames (``L = F * T``).
             e: ``[B, F, 6, dim]`` per-frame time modulation (float32).
-            context: ``[B, S, dim]`` embedded text.
+            context: ``[B, S, dim]`` embedded text, or its precomputed keys and values (:class:`TextKV`).
             attention: computes self-attention from un-rotated ``q, k, v`` (full sequence or KV cache).
             audio: ``[B, F_audio, A, audio_dim]`` audio tokens of the last ``F_audio`` frames of ``x``
                 (the first ``audio_offset`` tokens, the reference sink, get none).
@@ -111,7 +110,10 @@ class DiTBlock(nn.Module):
         q, k, v = self.self_attn.project(modulate(self.norm1(x), shift_sa, scale_sa, frames))
         y = self.self_attn.o(attention(self.index, q, k, v))
         x = x + gate(y, gate_sa, frames).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), context)
+        if isinstance(context, TextKV):
+            x = x + self.cross_attn(self.norm3(x), kv=context.per_block[self.index])
+        else:
+            x = x + self.cross_attn(self.norm3(x), context)
         if self.audio_attn is not None and audio is not None:
             video = x[:, audio_offset:]
             x = torch.cat([x[:, :audio_offset], video + self.audio_attn(video, audio, audio.shape[1])], dim=1)
@@ -234,7 +236,7 @@ class AvatarDiT(nn.Module):
         """``t`` ``[B, F]`` -> time embedding ``[B, F, dim]`` (for the head) and block modulation ``[B, F, 6, dim]``,
         both float32. With ``audio_modulation``, audio tokens ``[B, F_audio, A, audio_dim]`` of the last ``F_audio``
         frames are added to their frames' embeddings (earlier frames, the sink, get none)."""
-        with torch.autocast(device_type=t.device.type, enabled=False):
+        with autocast_disabled(t.device):
             e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
             if audio is not None and self.audio_modulation is not None:
                 shift = self.audio_modulation(audio.mean(2).to(self.audio_modulation.weight.dtype)).float()
@@ -253,6 +255,11 @@ class AvatarDiT(nn.Module):
         if s < self.config.text_len:
             context = torch.cat([context, context.new_zeros(b, self.config.text_len - s, d)], dim=1)
         return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+    @torch.no_grad()
+    def text_kv(self, context: torch.Tensor) -> TextKV:
+        """Cross-attention keys/values of every block for embedded text ``[1, text_len, dim]``."""
+        return TextKV([block.cross_attn.context_kv(context) for block in self.blocks])
 
     def embed_audio(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
         """Audio encoder features -> tokens ``[B, F, A, audio_dim]``. ``features`` are per video frame from the
@@ -293,6 +300,7 @@ class AvatarDiT(nn.Module):
         reference: torch.Tensor | None = None,
         frame_pos: torch.Tensor | None = None,
         reference_pos: torch.Tensor | None = None,
+        window_blocks: int | None = None,
     ) -> torch.Tensor:
         """Full-sequence forward (training, and the reference for the streaming engine).
 
@@ -304,8 +312,11 @@ class AvatarDiT(nn.Module):
                 (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or grouped ``[B, F, per_latent, layers, feat]``.
             causal: block-causal attention over blocks of ``frames_per_block`` latent frames.
             reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says).
-            frame_pos: ``[F]`` RoPE time positions of the frames (default ``0..F-1``).
-            reference_pos: ``[R]`` RoPE time positions of sink frames (default ``-R..-1``).
+            frame_pos: ``[F]`` or ``[B, F]`` RoPE time positions of the frames (default ``0..F-1``).
+            reference_pos: RoPE time positions of the sink frames: ``[R]`` or ``[B, R]`` (default: the config's
+                ``reference_position`` and the frames after it), or ``[B, F / frames_per_block, R]`` to give each
+                block its own sink position (Rolling RoPE, RAPR; causal only).
+            window_blocks: causal only: each block attends to at most this many earlier blocks.
         Returns:
             ``[B, out_dim, F, H, W]`` predicted velocity (float32).
         """
@@ -324,30 +335,22 @@ class AvatarDiT(nn.Module):
         if cfg.reference == "sink" and reference is not None:
             sink_frames = reference.shape[2]
             if reference_pos is None:
-                reference_pos = torch.arange(-sink_frames, 0, device=x.device)
+                reference_pos = torch.arange(sink_frames, device=x.device) + cfg.reference_position
             tokens = torch.cat([self.embed_reference(reference), tokens], dim=1)
             t = torch.cat([t.new_zeros(b, sink_frames), t], dim=1)
-            frame_pos = torch.cat([reference_pos.to(frame_pos), frame_pos])
+        else:
+            reference_pos = None
 
         if audio is not None and audio.shape[0] != b:
             raise ValueError(f"audio features for {audio.shape[0]} clips do not fit a batch of {b}")
         audio_tokens = self.embed_audio(audio, frames) if audio is not None else None
         e, e6 = self.time_modulation(t, audio_tokens)
-        rope = RotaryTable.for_grid(frame_pos, h, w, cfg.head_dim, cfg.rope_theta)
-        mask = self.attention_mask(frames, h * w, sink_frames, x.device) if causal else None
-        out = self.run_blocks(
-            tokens, e6, self.embed_text(context), FullSequenceAttention(rope, mask), audio_tokens, sink_frames * h * w
-        )
+        attention = sequence_attention(frame_pos.to(x.device), None if reference_pos is None else reference_pos.to(x.device),
+                                       (h, w), cfg.head_dim, cfg.rope_theta, causal, cfg.frames_per_block,
+                                       window_blocks if causal else None)
+        out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, sink_frames * h * w)
         out = self.head(out, e)[:, sink_frames * h * w :]
         return self.unpatchify(out.float(), frames, (hh, ww))
-
-    def attention_mask(self, frames: int, tokens_per_frame: int, sink_frames: int, device) -> torch.Tensor:
-        """Boolean ``[L, L]`` block-causal mask (True = may attend). Frames are grouped in blocks of
-        ``frames_per_block``; a block sees itself and earlier blocks; sink frames form block ``-1``, which every
-        frame sees and which sees only itself."""
-        block = torch.arange(frames, device=device) // self.config.frames_per_block
-        block = torch.cat([torch.full((sink_frames,), -1, device=device), block]).repeat_interleave(tokens_per_frame)
-        return block[:, None] >= block[None, :]
 
     def num_parameters(self, base_only: bool = False) -> int:
         """Parameter count; ``base_only`` counts only the weights a Wan2.1 checkpoint has."""

@@ -8,6 +8,8 @@ themselves, so there is no ceiling and an engine may re-rotate cached keys at an
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -81,3 +83,66 @@ class RotaryTable:
         sin = self.sin[..., None, :] if self.sin.dim() == 3 else self.sin[None, :, None, :]
         out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
         return out.flatten(-2).type_as(x)
+
+
+class RopeTables:
+    """RoPE tables of one token grid on one device, built on that device and cached by frame positions.
+
+    A streaming forward needs the table of a handful of frame positions (sink, history slots, current block);
+    under Rolling RoPE and RAPR only a few distinct position lists ever occur, so after the first blocks every
+    table is a cache hit and a forward does no table work. Positions are Python ints (host bookkeeping): a miss
+    computes the angles on the device from them without copying anything from the host. Both caches are LRU
+    with a fixed capacity, so memory stays bounded under ever-growing ``absolute`` positions.
+    Equal, bit for bit, to :meth:`RotaryTable.for_grid` of the same positions.
+    """
+
+    def __init__(self, height: int, width: int, head_dim: int, theta: float = 10000.0, device=None,
+                 capacity: int = 128):
+        dt, dh, dw = axis_dims(head_dim)
+        self.tokens = height * width
+        self.capacity = capacity
+        self.inv_time = inverse_frequencies(dt, theta).to(device)
+        fh = torch.arange(height, dtype=torch.float64, device=device)[:, None] * inverse_frequencies(dh, theta).to(device)
+        fw = torch.arange(width, dtype=torch.float64, device=device)[:, None] * inverse_frequencies(dw, theta).to(device)
+        self.spatial = torch.cat([fh[:, None, :].expand(height, width, -1), fw[None, :, :].expand(height, width, -1)],
+                                 dim=-1).reshape(self.tokens, -1)  # [T, (dh + dw) / 2]
+        self._frames: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._tables: OrderedDict[tuple, RotaryTable] = OrderedDict()
+
+    @staticmethod
+    def _lru(cache: OrderedDict, key, build, capacity: int):
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = build()
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+        return value
+
+    def _frame(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, D/2]`` of one frame at time position ``pos``."""
+        def build():
+            time = (self.inv_time * float(pos))[None].expand(self.tokens, -1)
+            angles = torch.cat([time, self.spatial], dim=-1)
+            return angles.cos().float(), angles.sin().float()
+
+        return self._lru(self._frames, pos, build, self.capacity * 4)
+
+    def table(self, positions: tuple[int, ...]) -> RotaryTable:
+        """Table ``[len(positions) * T, D/2]`` of consecutive frames at ``positions``."""
+        def build():
+            frames = [self._frame(p) for p in positions]
+            out = RotaryTable.__new__(RotaryTable)
+            out.cos = torch.cat([c for c, _ in frames])
+            out.sin = torch.cat([s for _, s in frames])
+            return out
+
+        return self._lru(self._tables, tuple(positions), build, self.capacity)
+
+    def stacked(self, positions: tuple[tuple[int, ...], ...]) -> RotaryTable:
+        """One table per batch element ``[n, L, D/2]`` (every element lists as many frames), or one shared
+        ``[L, D/2]`` table when all elements have the same positions."""
+        if all(p == positions[0] for p in positions):
+            return self.table(positions[0])  # broadcast over the batch
+        return self._lru(self._tables, positions, lambda: RotaryTable.stack([self.table(p) for p in positions]),
+                         self.capacity)
