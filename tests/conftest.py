@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from liveavatar.models import AvatarDiT, DiTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(2)
 
@@ -31,3 +36,22 @@ def tiny_dit():
         return randomise(AvatarDiT(tiny_config(**overrides))).eval()
 
     return build
+
+
+def tiny_preset() -> DiTConfig:
+    """The DiT of ``conf/model/tiny.yaml`` (the preset infer.py streams by default)."""
+    return DiTConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny.yaml").dit))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved tiny-preset model whose every parameter is random and non-zero, for ``checkpoint=``.
+
+    A freshly built model has a zero output head, so it predicts a zero velocity and two engines that agree on
+    it only agree on their noise; this one makes engine comparisons compare the model's computation. The small
+    std keeps the streamed latents finite and the decoded frames away from 0 and 255.
+    """
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    torch.manual_seed(0)
+    randomise(AvatarDiT(tiny_preset()), std=0.05, seed=1).save_pretrained(folder)
+    return folder

@@ -33,12 +33,18 @@ def test_writes_mp4_with_audio_and_lossless_frames(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_engines_agree_through_the_cli(tmp_path):
-    run(config(tmp_path / "a", "output.frames=true", "engine=sequential"))
-    run(config(tmp_path / "b", "output.frames=true", "engine=stream_batch"))
+def test_engines_agree_through_the_cli(tmp_path, tiny_checkpoint, capsys):
+    trained = f"checkpoint={tiny_checkpoint}"
+    run(config(tmp_path / "a", "output.frames=true", "engine=sequential", trained))
+    run(config(tmp_path / "b", "output.frames=true", "engine=stream_batch", trained))
     a, b = np.load(tmp_path / "a" / "out.frames.npy"), np.load(tmp_path / "b" / "out.frames.npy")
     # Decoded to uint8 from latents equal to ~1e-6: at most a rounding flip of one level.
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert "checkpoint=null" not in capsys.readouterr().err
+    # The model, not only the noise, made these frames: the untrained one (zero velocity) streams other frames.
+    run(config(tmp_path / "c", "output.frames=true", "engine=sequential"))
+    untrained = np.load(tmp_path / "c" / "out.frames.npy")
+    assert np.abs(a.astype(int) - untrained.astype(int)).mean() > 5
 
 
 @pytest.mark.parametrize(
@@ -103,5 +109,9 @@ def test_cli_exit_codes_and_messages(tmp_path):
     assert unknown.returncode == 2 and "model=giant: unknown; choose one of tiny" in unknown.stderr
     ok = cli(f"output.path={tmp_path}/y.mp4", "max_seconds=0.5")
     assert ok.returncode == 0, ok.stderr
+    # Hydra sends log records to stdout; the untrained-model notice is on stderr, on one line.
+    notice = [line for line in ok.stderr.splitlines() if "checkpoint=null" in line]
+    assert notice == ["warning: checkpoint=null: streaming an untrained model with random weights of the tiny "
+                      "preset; its output is noise"]
     assert "time to first frame" in ok.stdout and "real-time factor" in ok.stdout
     assert (tmp_path / "y.mp4").is_file()

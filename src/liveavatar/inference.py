@@ -6,7 +6,8 @@ Every user mistake (a missing image, unreadable audio, a checkpoint that does no
 """
 from __future__ import annotations
 
-import logging
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ from .models.checkpoint import CheckpointError
 from .models.text import build_text_encoder, load_precomputed
 from .models.vae import build_vae
 
-log = logging.getLogger(__name__)
 ENGINES = ("sequential", "stream_batch", "tpp")
 
 
@@ -78,6 +78,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def warn(message: str) -> None:
+    """One line on stderr for the user. Not ``logging``: under Hydra its records go to stdout and the run's log
+    file. Under torchrun only rank 0 says it, instead of every rank that loads the model."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def load_model(cfg: DictConfig, preset: DiTConfig, device: torch.device, dtype: torch.dtype) -> AvatarDiT:
     if cfg.checkpoint:
         try:
@@ -85,9 +92,11 @@ def load_model(cfg: DictConfig, preset: DiTConfig, device: torch.device, dtype: 
         except CheckpointError as err:
             raise UserError(f"checkpoint={cfg.checkpoint}: {err} (model={cfg.model.name})") from err
         if model.initialised_modules:
-            log.warning("checkpoint has no %s: they start at zero output", ", ".join(model.initialised_modules))
+            warn(f"checkpoint={cfg.checkpoint} has no {', '.join(model.initialised_modules)}: "
+                 "they start at zero output")
     else:
-        log.warning("checkpoint=null: random weights of the %s preset (the output is noise)", cfg.model.name)
+        warn(f"checkpoint=null: streaming an untrained model with random weights of the {cfg.model.name} preset; "
+             "its output is noise")
         torch.manual_seed(cfg.seed)
         model = AvatarDiT(preset).to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
@@ -262,7 +271,7 @@ def run_tpp(cfg: DictConfig) -> RunReport | None:
 
     from .engine import tpp
 
-    if "RANK" not in __import__("os").environ:
+    if "RANK" not in os.environ:
         raise UserError("engine=tpp runs under torchrun: torchrun --nproc_per_node=N+1 infer.py engine=tpp ...")
     e = cfg.engine
     layout = tpp.Layout(len(cfg.denoise.steps), bool(e.decode_on_last))

@@ -8,10 +8,13 @@ it on. Only the block latent and the block's audio features travel; caches never
 rank works on a different block, so a block comes out every forward.
 
 Messages are a fixed-size int64 header (kind, block, shapes of the tensors that follow) and float32 payloads,
-sent in the same order on both sides (NCCL matches by order, not tags). Heartbeats flow down the pipeline while
-the audio source is idle, so a quiet stream never trips the process-group timeout. Faults: a rank that raises
-writes its error into the rendezvous store; a watchdog thread on every rank polls the store and exits its
-process within ``engine.fault_poll_s`` naming the failed rank.
+sent in the same order on both sides (NCCL matches by order, not tags). With a sink that changes (``aas``, or
+``reference`` with ``keep_first_block``) the last DiT rank also sends block 0's clean latents once to every other
+DiT rank; each takes it before block ``switch_block``, or at the end of a stream too short to reach that block,
+so that no send is left unmatched. Heartbeats flow down the pipeline while the audio source is idle, so a quiet
+stream never trips the process-group timeout. Faults: a rank that raises writes its error into the rendezvous
+store; a watchdog thread on every rank polls the store and exits its process within ``engine.fault_poll_s``
+naming the failed rank.
 """
 from __future__ import annotations
 
@@ -232,6 +235,9 @@ class DiTStage:
         self.core, self.step, self.layout, self.channel, self.options = core, step, layout, channel, options
         self.last = step == layout.steps - 1
         self.next_block = 0  # rank 0: index of the next block taken from the audio feed
+        # Non-last ranks with a changing sink: block 0 has passed through this rank, so the last rank will send
+        # (or has sent) its clean latents, and this rank has not received them yet.
+        self.sink_in_flight = False
 
     def _compute(self, x, block, grouped):
         core = self.core
@@ -249,6 +255,14 @@ class DiTStage:
         out = x0 if self.last else core.renoise(x0, block, self.step + 1)
         self.channel.stats.blocks += 1
         return x0, out
+
+    def _receive_sink(self) -> None:
+        """Take block 0's clean latents from the last rank (the one SINK message it sends to this rank)."""
+        kind, _, (first,) = self.channel.recv(self.layout.steps - 1)
+        if kind != SINK:
+            raise RuntimeError(f"rank {self.step} expected the sink from the last rank, got message kind {kind}")
+        self.core.sink.first_block_done(first.to(self.core.dtype))
+        self.sink_in_flight = False
 
     def _next_input(self, feed: AudioFeed | None):
         """(kind, block, x, grouped) from the audio feed (rank 0) or the previous rank."""
@@ -280,12 +294,17 @@ class DiTStage:
                 if downstream is not None:
                     self.channel.send(downstream, kind)
                 if kind == STOP:
+                    # A stream shorter than switch_block never needed the sink, but the last rank sent it all
+                    # the same: receive it, or the last rank's final flush waits until the group times out.
+                    if self.sink_in_flight:
+                        self._receive_sink()
                     self.channel.flush()
                     return
                 continue
-            if core.sink.changes and block == core.settings.switch_block and not self.last:
-                _, _, (first,) = self.channel.recv(layout.steps - 1)  # block 0's clean latents
-                core.sink.first_block_done(first.to(core.dtype))
+            if self.sink_in_flight and block >= core.settings.switch_block:
+                self._receive_sink()
+            if block == 0 and core.sink.changes and not self.last:
+                self.sink_in_flight = True
             x0, out = self._compute(x.to(core.device), block, grouped)
             if self.last and block == 0 and core.sink.changes:
                 core.sink.first_block_done(x0)
