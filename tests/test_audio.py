@@ -246,3 +246,124 @@ def test_split_into_blocks_groups_each_block_like_one_whole_grouping():
     whole = group_by_latent_frame(features, 9, 4)
     torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
     assert all(b.shape == (1, 3, 4, 2, 3) for b in blocks)
+
+
+# ------------------------------------------------------------------------------------------- streaming
+from pathlib import Path  # noqa: E402
+
+from liveavatar.models.audio import split_into_blocks  # noqa: E402
+from liveavatar.models.audio_stream import StreamingAudioFeatures, stream_blocks  # noqa: E402
+
+SPEECH = Path(__file__).resolve().parents[1] / "data/example/speech.wav"
+
+
+@pytest.fixture(scope="module")
+def speech():
+    from liveavatar import media
+
+    return media.read_audio(SPEECH)  # 4.0 s: 100 video frames at 25 fps
+
+
+def offline_blocks(extractor, wav, fpb, per_latent):
+    return split_into_blocks(extractor(wav, video_frames_for(len(wav))), fpb, per_latent)
+
+
+def compare(stream, offline, blocks, label):
+    """Max/mean absolute and relative (Frobenius) differences over ``blocks``; printed for the record."""
+    a, o = torch.cat([stream[b] for b in blocks], 1), torch.cat([offline[b] for b in blocks], 1)
+    d = (a - o).abs()
+    figures = {"max": d.max().item(), "mean": d.mean().item(), "rel": (d.norm() / o.norm()).item(),
+               "rel_max": (d.max() / o.abs().max()).item()}
+    print(f"{label}: blocks {blocks[0]}..{blocks[-1]}: max abs {figures['max']:.3g}, mean abs {figures['mean']:.3g}, "
+          f"relative (Frobenius) {figures['rel']:.3g}, max abs / max |offline| {figures['rel_max']:.3g}")
+    return figures
+
+
+def after_lookback(stream: StreamingAudioFeatures, count: int) -> list[int]:
+    """Blocks whose look-back window lies wholly inside the audio (the first look-back window excluded)."""
+    return [b for b in range(count) if stream.block_frames(b)[0] >= max(1, stream.lookback_frames)]
+
+
+@pytest.mark.parametrize("fpb,per_latent", [(3, 1), (3, 4)])
+def test_streaming_energy_mel_equals_offline(speech, fpb, per_latent):
+    """Each energy/mel frame only sees its own and the previous frame's audio: with a look-back of at least one
+    frame the streamed features are the offline ones; without look-back a block's first frame loses its past."""
+    enc = EnergyMelFeatures()
+    offline = offline_blocks(enc, speech, fpb, per_latent)
+    streamed = stream_blocks(enc, speech, 25, fpb, per_latent, lookback_s=0.5)
+    assert len(streamed) == len(offline) and all(s.shape == o.shape for s, o in zip(streamed, offline))
+    probe = StreamingAudioFeatures(enc, 25, fpb, per_latent, lookback_s=0.5)
+    figures = compare(streamed, offline, after_lookback(probe, len(offline)), f"energy_mel lookback 0.5 s ({fpb}x{per_latent})")
+    assert figures["max"] <= 1e-4
+    # Early blocks too: their window starts at the file's start, like the offline pass.
+    torch.testing.assert_close(torch.cat(streamed, 1), torch.cat(offline, 1), rtol=0, atol=1e-4)
+
+    blind = stream_blocks(enc, speech, 25, fpb, per_latent, lookback_s=0)
+    figures = compare(blind, offline, list(range(1, len(offline))), f"energy_mel lookback 0 ({fpb}x{per_latent})")
+    assert figures["max"] > 1.0
+
+
+def test_streaming_wav2vec2_close_to_offline(speech, w2v_dir):
+    """wav2vec2 sees the whole file offline (GroupNorm over time in its first conv layer, bidirectional attention),
+    so streamed features only approach the offline ones; with the whole file as look-back the last block matches."""
+    enc = Wav2Vec2Features(w2v_dir)
+    fpb, per_latent = 3, 4  # Wan's layout: blocks of 12 video frames (0.48 s)
+    offline = offline_blocks(enc, speech, fpb, per_latent)
+    streamed = stream_blocks(enc, speech, 25, fpb, per_latent, lookback_s=2.0)
+    assert len(streamed) == len(offline) and all(s.shape == o.shape for s, o in zip(streamed, offline))
+    probe = StreamingAudioFeatures(enc, 25, fpb, per_latent, lookback_s=2.0)
+    figures = compare(streamed, offline, after_lookback(probe, len(offline)), "wav2vec2 (tiny random) lookback 2 s")
+    assert figures["rel"] < 0.25 and figures["mean"] < 0.2
+
+    # The same late blocks (first frame >= 3 s) without look-back and with 3 s: no look-back is clearly worse.
+    late = [b for b in range(len(offline)) if probe.block_frames(b)[0] >= 75]
+    errors = {lb: compare(stream_blocks(enc, speech, 25, fpb, per_latent, lb), offline, late,
+                          f"wav2vec2 (tiny random) lookback {lb} s")["rel"] for lb in (0, 3.0)}
+    assert errors[0] > 2 * errors[3.0]
+
+    # Look-back covering the whole file: the last block sees exactly the offline input.
+    whole = stream_blocks(enc, speech, 25, fpb, per_latent, lookback_s=4.0)
+    torch.testing.assert_close(whole[-1], offline[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["energy_mel", "wav2vec2"])
+def test_streaming_chunk_size_does_not_matter(speech, w2v_dir, kind):
+    enc = EnergyMelFeatures() if kind == "energy_mel" else Wav2Vec2Features(w2v_dir)
+    wav = speech[: int(1.7 * SAMPLE_RATE)]  # not a whole number of blocks: the last one is padded
+    reference = stream_blocks(enc, wav, 25, 3, 4, lookback_s=0.6)
+    assert len(reference) == len(offline_blocks(enc, wav, 3, 4))
+    for chunk in (1000, 640 * 12, 7777, len(wav)):
+        other = stream_blocks(enc, wav, 25, 3, 4, lookback_s=0.6, chunk_samples=chunk)
+        assert len(other) == len(reference)
+        torch.testing.assert_close(torch.cat(other, 1), torch.cat(reference, 1), rtol=0, atol=0)
+    # Chunks that are not numpy: a torch tensor works the same.
+    other = stream_blocks(enc, torch.from_numpy(wav), 25, 3, 4, lookback_s=0.6, chunk_samples=3000)
+    torch.testing.assert_close(torch.cat(other, 1), torch.cat(reference, 1), rtol=0, atol=0)
+
+
+def test_streaming_block_is_ready_when_its_audio_is_and_ignores_later_audio(speech, w2v_dir):
+    enc = Wav2Vec2Features(w2v_dir)
+    stream = StreamingAudioFeatures(enc, 25, frames_per_block=3, video_frames_per_latent=4, lookback_s=1.0)
+    assert stream.block_frames(0) == (0, 9) and stream.block_frames(1) == (9, 21)
+    end0, end1 = stream.boundary(9), stream.boundary(21)
+    assert (end0, end1) == (9 * 640, 21 * 640) and stream.block_seconds == pytest.approx(0.48)
+    assert stream.push(speech[: end0 - 1]) == []
+    first = stream.push(speech[end0 - 1 : end0])
+    assert len(first) == 1 and first[0].shape == (1, 3, 4, LAYERS + 1, HIDDEN)
+    assert stream.push(speech[end0 : end1 - 1]) == []
+    second = stream.push(speech[end1 - 1 : end1])
+    assert len(second) == 1
+
+    # Other audio after block 1 leaves blocks 0 and 1 alone (no look-ahead), while the offline features change.
+    noisy = speech.copy()
+    noisy[end1:] = np.random.default_rng(0).standard_normal(noisy.size - end1).astype(np.float32) * 0.3
+    again = stream_blocks(enc, noisy, 25, 3, 4, lookback_s=1.0)
+    torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+    torch.testing.assert_close(again[1], second[0], rtol=0, atol=0)
+    assert (offline_blocks(enc, noisy, 3, 4)[1] - offline_blocks(enc, speech, 3, 4)[1]).abs().max() > 1e-3
+
+    with pytest.raises(RuntimeError, match="after flush"):
+        stream.flush()
+        stream.push(speech[:10])
+    with pytest.raises(ValueError, match="lookback_s"):
+        StreamingAudioFeatures(enc, 25, 3, 4, lookback_s=-1)

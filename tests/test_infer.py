@@ -115,3 +115,18 @@ def test_cli_exit_codes_and_messages(tmp_path):
                       "preset; its output is noise"]
     assert "time to first frame" in ok.stdout and "real-time factor" in ok.stdout
     assert (tmp_path / "y.mp4").is_file()
+
+
+def test_streaming_audio_features_through_the_cli(tmp_path):
+    """``audio_features.streaming=true`` feeds the audio block by block: same video length, and for the tiny
+    preset's energy/mel features (exact when streamed, see test_audio) the same frames as the offline run."""
+    streamed = cli(f"output.path={tmp_path}/s.mp4", "max_seconds=1", "output.frames=true",
+                   "audio_features.streaming=true", "audio_features.lookback_s=0.5")
+    assert streamed.returncode == 0, streamed.stderr
+    offline = run(config(tmp_path, "output.frames=true"))
+    assert media.probe(tmp_path / "s.mp4")["frames"] == offline.frames == 25
+    a, b = np.load(tmp_path / "s.frames.npy"), np.load(tmp_path / "out.frames.npy")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    with pytest.raises(UserError, match="lookback_s"):
+        run(config(tmp_path, "audio_features.streaming=true", "audio_features.lookback_s=-1"))

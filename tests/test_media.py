@@ -229,3 +229,53 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(MediaError, match="missing.wav"):
         AudioChunks(tmp_path / "missing.wav", 100)
     assert issubclass(MediaError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------- video readers
+
+
+def test_decord_reader_gives_the_pyav_frames(written, tmp_path):
+    """decord behind the same interface: the same frame count, fps and uint8 pixels as PyAV (identical, not merely
+    close: both convert with the file's BT.709 limited-range tags), also resampled to other frame rates."""
+    pytest.importorskip("decord")
+    from liveavatar.media import get_reader, iter_video_frames
+
+    assert get_reader("decord").name == "decord" and get_reader("pyav").name == "pyav"
+    # 48 pixels wide: decord 0.6 reports such frames as [H, W, 4] (see DecordReader._rgb); 30 fps Matroska.
+    other = tmp_path / "w48.mkv"
+    with VideoWriter(other, fps=30) as writer:
+        writer.write(smooth_video(36, 32, 48))
+    for path, count, fps in [(written[1], 50, 25.0), (other, 36, 30.0)]:
+        a, fa = read_video(path)
+        b, fb = read_video(path, reader="decord")
+        assert a.shape == b.shape and a.shape[0] == count and fa == fb == fps
+        assert torch.equal(to_uint8(a), to_uint8(b))
+        assert torch.equal(read_video(path, max_frames=7, reader="decord")[0], a[:7])
+        # 30 -> 16 fps has exact ties (output frame 4 sits midway between source frames 7 and 8).
+        for rate in (25, 16, 30):
+            x = list(iter_video_frames(path, rate, (24, 24)))
+            y = list(iter_video_frames(path, rate, (24, 24), reader="decord"))
+            assert len(x) == len(y) > 0 and all(torch.equal(p, q) for p, q in zip(x, y)), (path.name, rate)
+
+
+def test_decord_reader_errors_are_one_line(tmp_path):
+    pytest.importorskip("decord")
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    sf.write(tmp_path / "sound.wav", tone(0.5, 16000), 16000)
+    for name in ("missing.mp4", "corrupt.mp4", "sound.wav"):
+        with pytest.raises(MediaError) as info:
+            read_video(tmp_path / name, reader="decord")
+        assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_reader_names_and_missing_decord(monkeypatch):
+    import sys
+
+    from liveavatar.media import get_reader
+
+    with pytest.raises(ValueError, match="reader=opencv: expected one of pyav, decord"):
+        get_reader("opencv")
+    monkeypatch.setitem(sys.modules, "decord", None)  # as if it were not installed
+    with pytest.raises(ImportError) as info:
+        read_video(REPO / "data/example/reference.png", reader="decord")
+    assert "liveavatar[decord]" in str(info.value) and "\n" not in str(info.value)

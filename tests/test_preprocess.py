@@ -368,3 +368,37 @@ def test_missing_or_corrupt_manifest(tiny_run, tmp_path):
     shutil.copy(out / "shard-00000.safetensors", copy)
     with pytest.raises(ValueError, match="lists shard-00001.safetensors, which is missing"):
         ShardDataset(copy)
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def test_decord_reader_writes_the_same_shards(tiny_run, videos, tmp_path):
+    """reader=decord decodes the frames with decord: the same samples and skipped clips as PyAV's run."""
+    pytest.importorskip("decord")
+    result = run(config(f"videos={videos}", f"out={tmp_path}/d", "data.shard_size=4", "reader=decord"))
+    pyav_result, pyav_out = tiny_run
+    a, b = ShardDataset(pyav_out), ShardDataset(tmp_path / "d")
+    assert len(a) == len(b) == result.samples == pyav_result.samples
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert (x["source"], x["start"]) == (y["source"], y["start"])
+        for key in ("latents", "reference", "audio", "text"):
+            assert torch.equal(x[key], y[key]), (i, key)
+    assert result.skipped == pyav_result.skipped
+    assert b.manifest["inputs"]["reader"] == "decord" and a.manifest["inputs"]["reader"] == "pyav"
+
+
+def test_reader_errors_are_one_line(one_video, tmp_path):
+    with pytest.raises(UserError, match="reader=opencv: expected one of pyav, decord"):
+        run(config(f"videos={one_video}", f"out={tmp_path}/x", "reader=opencv"))
+    # Without decord installed (a stand-in package that fails to import, first on the path): one line, status 2.
+    fake = tmp_path / "no_decord" / "decord"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'decord'\")\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "liveavatar.data.preprocess", f"videos={one_video}", f"out={tmp_path}/y",
+                           "reader=decord", f"hydra.run.dir={tmp_path}/hydra"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert_one_line_error(proc, "pip install 'liveavatar[decord]'")
+    assert not (tmp_path / "y").exists()

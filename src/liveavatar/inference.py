@@ -22,6 +22,7 @@ from .engine.batch import StreamBatchEngine
 from .engine.stream import EngineSettings, SequentialEngine, StreamCore
 from .models import AvatarDiT, DiTConfig
 from .models.audio import EnergyMelFeatures, Wav2Vec2Features, blocks_for, split_into_blocks
+from .models.audio_stream import stream_blocks
 from .models.checkpoint import CheckpointError
 from .models.text import build_text_encoder, load_precomputed
 from .models.vae import build_vae
@@ -151,6 +152,22 @@ def engine_settings(cfg: DictConfig) -> EngineSettings:
     )
 
 
+def audio_feature_blocks(cfg: DictConfig, extractor, wav, fps: float, dit: DiTConfig, video_frames: int) -> list:
+    """Per-block audio features ``[1, frames_per_block, per_latent, layers, feat]``: offline over the whole file, or
+    with ``audio_features.streaming=true`` causally, the file fed in chunks as a live input would arrive."""
+    opts = cfg.get("audio_features") or {}
+    if not opts.get("streaming", False):
+        features = extractor(wav, video_frames)
+        return split_into_blocks(features, dit.frames_per_block, dit.video_frames_per_latent)
+    lookback, chunk_s = float(opts.get("lookback_s", 2.0)), opts.get("chunk_s")
+    if lookback < 0:
+        raise UserError(f"audio_features.lookback_s={lookback}: must be >= 0")
+    if chunk_s is not None and float(chunk_s) * 16000 < 1:
+        raise UserError(f"audio_features.chunk_s={chunk_s}: must be at least one sample (1/16000 s)")
+    chunk = None if chunk_s is None else int(float(chunk_s) * 16000)
+    return stream_blocks(extractor, wav, fps, dit.frames_per_block, dit.video_frames_per_latent, lookback, chunk)
+
+
 @dataclass
 class Prepared:
     """Everything a run needs before the first block: model (None on a decode-only rank), VAE, reference latent
@@ -215,8 +232,7 @@ def prepare(cfg: DictConfig, with_model: bool = True, device: torch.device | Non
     reference = vae.encode(image[None, :, None].to(device)).to(dtype)  # [1, C, 1, h, w]
     context = text_context(cfg, dit, device)
     if dit.has_audio:
-        features = load_audio_encoder(cfg, device)(wav, video_frames)
-        audio_blocks = split_into_blocks(features, dit.frames_per_block, dit.video_frames_per_latent)
+        audio_blocks = audio_feature_blocks(cfg, load_audio_encoder(cfg, device), wav, fps, dit, video_frames)
     else:
         audio_blocks = [None] * blocks_for(video_frames, dit.frames_per_block, dit.video_frames_per_latent)
     return Prepared(model, dit, settings, vae, reference, context, wav, fps, video_frames, audio_blocks)

@@ -1,4 +1,4 @@
-"""Image, audio and video I/O with PyAV (FFmpeg), no torchvision/torchaudio.
+"""Image, audio and video I/O with PyAV (FFmpeg; video frames optionally with decord), no torchvision/torchaudio.
 
 Conventions used everywhere in the package:
 
@@ -19,7 +19,7 @@ import math
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import av
 import numpy as np
@@ -29,10 +29,14 @@ import torch.nn.functional as F
 __all__ = [
     "MediaError",
     "AudioChunks",
+    "READERS",
+    "VideoReader",
     "VideoWriter",
     "probe",
     "read_audio",
     "read_image",
+    "get_reader",
+    "iter_video_frames",
     "read_video",
     "resize_crop",
     "to_uint8",
@@ -502,71 +506,234 @@ class VideoWriter:
             self.abort()
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+# ------------------------------------------------------------------------------------------ video readers
+#
+# Frames can be decoded by PyAV (the default) or by decord (the optional extra ``liveavatar[decord]``). Both sit
+# behind :class:`VideoReader`; :func:`read_video` and :func:`iter_video_frames` take the reader's name. Both give
+# the same uint8 RGB frames for the files this package writes (tested), and both apply display rotation.
+
+READERS = ("pyav", "decord")
+
+
+class VideoReader(Protocol):
+    """A way to decode the frames of a video file; every failure is a one-line :class:`MediaError`."""
+
+    name: str
+
+    def read(self, path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+        """All frames, float32 ``[T, 3, H, W]`` in [-1, 1], and the stream's frame rate."""
+        ...
+
+    def iter_frames(self, path: str | os.PathLike, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+        """Frames resampled to ``fps`` (nearest decoded frame) and resized to ``size``, one ``[3, H, W]`` at a time."""
+        ...
+
+
+def get_reader(name: str | VideoReader = "pyav") -> VideoReader:
+    """The reader called ``name`` (``pyav`` or ``decord``); a reader object is passed through. An unknown name
+    raises ``ValueError``; ``decord`` without the package installed raises ``ImportError`` naming the extra."""
+    if not isinstance(name, str):
+        return name
+    if name == "pyav":
+        return PyAVReader()
+    if name == "decord":
+        return DecordReader()
+    raise ValueError(f"reader={name}: expected one of {', '.join(READERS)}")
+
+
+def _to_float(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).movedim(-1, -3).float().div(127.5).sub(1)
+
+
+def _nearest_frames(timed: Iterator[tuple[float | None, object]], fps: float, src_step: float, convert,
+                    p: Path) -> Iterator[torch.Tensor]:
+    """Pick, for each output time ``j / fps``, the decoded frame nearest to it, from ``(timestamp, frame)`` pairs in
+    decoding order (a None timestamp: ``index * src_step``). ``convert(frame)`` turns a picked frame into the output;
+    a frame picked for several output times is converted once. Yields ``floor(duration * fps)`` frames."""
+    step = 1.0 / fps
+    cache: dict = {}
+
+    def picked(frame) -> torch.Tensor:
+        if cache.get("frame") is not frame:
+            cache.update(frame=frame, image=convert(frame))
+        return cache["image"]
+
+    prev, prev_t, t0, j = None, 0.0, None, 0
+    for i, (t, frame) in enumerate(timed):
+        t = t if t is not None else i * src_step
+        t0 = t if t0 is None else t0
+        t -= t0
+        if prev is not None:
+            while j * step <= (prev_t + t) / 2:  # output time closer to the previous frame
+                yield picked(prev)
+                j += 1
+        prev, prev_t = frame, max(t, prev_t)
+    if prev is None:
+        raise MediaError(f"video file {p} contains no frames")
+    # A small tolerance absorbs timestamp rounding (e.g. Matroska's milliseconds).
+    total = math.floor((prev_t + src_step) * fps + 0.05)
+    while j < total:
+        yield picked(prev)
+        j += 1
+
+
+class PyAVReader:
+    """Decoding with PyAV (FFmpeg): colour conversion from the frame's YUV tags, display rotation applied."""
+
+    name = "pyav"
+
+    def read(self, path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+        p = _check_file(path, "video")
+        frames = []
+        with _open_input(p, "video") as container:
+            if not container.streams.video:
+                raise MediaError(f"video file {p} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            for frame in container.decode(stream):
+                frames.append(_frame_to_rgb(frame, "rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        if not frames:
+            raise MediaError(f"video file {p} contains no frames")
+        return _to_float(np.stack(frames)), float(rate) if rate else 0.0
+
+    def iter_frames(self, path: str | os.PathLike, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+        p = _check_file(path, "video")
+        with _open_input(p, "video") as container:
+            if not container.streams.video:
+                raise MediaError(f"video file {p} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame-threaded decoding; frames come out the same
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            src_step = 1.0 / float(rate) if rate else 1.0 / fps
+            # Only picked frames are converted to RGB and resized.
+            timed = ((frame.time, frame) for frame in container.decode(stream))
+            yield from _nearest_frames(timed, fps, src_step, lambda f: resize_crop(_to_float(_frame_to_rgb(f)), size), p)
+
+
+class DecordReader:
+    """Decoding with decord (``pip install 'liveavatar[decord]'``), which converts every frame to RGB itself.
+
+    decord does not apply display rotation; it is read from the first frame's side data with PyAV and applied
+    here, so phone videos come out upright as with :class:`PyAVReader`.
+    """
+
+    name = "decord"
+
+    def __init__(self):
+        try:
+            import decord
+            from decord._ffi.base import DECORDError
+        except ImportError:
+            raise ImportError("reader=decord needs the decord package: pip install 'liveavatar[decord]' "
+                              "(or use reader=pyav)") from None
+        self._decord, self._errors = decord, (DECORDError, RuntimeError)
+
+    def _call(self, p: Path, what: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with decord's errors (multi-line C++ logs) turned into a one-line MediaError."""
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as err:
+            lines = [line.split("ERROR", 1)[-1].strip() for line in str(err).splitlines() if line.strip()]
+            reason = next((line for line in lines if line), type(err).__name__)
+            raise MediaError(f"cannot {what} video file {p} with decord: {reason}") from None
+
+    @staticmethod
+    def _rgb(frame) -> np.ndarray:
+        """A decord frame -> uint8 ``[H, W, 3]``. decord 0.6 derives the channel count from the padded row stride:
+        when that is a whole multiple of the width other than 3 (e.g. 48 or 16 pixels wide) the frame comes back as
+        ``[H, W, 4]`` or ``[H, W, 6]`` holding padded RGB rows; those rows are cut back to ``W * 3`` bytes."""
+        rgb = frame.asnumpy()
+        if rgb.shape[-1] != 3:
+            h, w = rgb.shape[:2]
+            rgb = np.ascontiguousarray(rgb).reshape(h, -1)[:, : w * 3].reshape(h, w, 3)
+        return rgb
+
+    def _open(self, p: Path):
+        vr = self._call(p, "open", self._decord.VideoReader, str(p), ctx=self._decord.cpu(0))
+        if len(vr) == 0:
+            raise MediaError(f"video file {p} contains no frames")
+        return vr
+
+    @staticmethod
+    def _rotation(p: Path) -> int:
+        """Counter-clockwise quarter turns of the display matrix, read with PyAV (as ``_frame_to_rgb`` does); this
+        also rejects files without a video stream with PyAV's messages."""
+        with _open_input(p, "video") as container:
+            if not container.streams.video:
+                raise MediaError(f"video file {p} has no video stream")
+            frame = next(container.decode(video=0), None)
+        rotation = getattr(frame, "rotation", 0) or 0
+        return int(rotation // 90) % 4 if rotation % 90 == 0 else 0
+
+    @staticmethod
+    def _timestamps(p: Path, frames: int) -> list[float] | None:
+        """Presentation times (seconds) of the ``frames`` frames from the container's packets, computed as PyAV's
+        ``frame.time`` is, so that both readers pick the same frame at exact ties of the resampling; None when the
+        packets do not match decord's frame count (then decord's own float32 timestamps are used)."""
+        with _open_input(p, "video") as container:
+            stream = container.streams.video[0]
+            pts = sorted(pkt.pts for pkt in container.demux(stream) if pkt.size and pkt.pts is not None)
+            tb = stream.time_base
+        if len(pts) != frames or not tb:
+            return None
+        return [float(t) * tb.numerator / tb.denominator for t in pts]
+
+    def read(self, path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+        p = _check_file(path, "video")
+        turns = self._rotation(p)
+        vr = self._open(p)
+        n = len(vr) if max_frames is None else min(len(vr), max_frames)
+        # Frame by frame: get_batch fails outright on the widths that _rgb repairs.
+        rgb = np.stack([self._rgb(self._call(p, "decode", vr.next)) for _ in range(n)])  # [T, H, W, 3] uint8
+        if turns:
+            rgb = np.rot90(rgb, k=turns, axes=(1, 2))
+        return _to_float(rgb), float(vr.get_avg_fps() or 0.0)
+
+    def iter_frames(self, path: str | os.PathLike, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+        p = _check_file(path, "video")
+        turns = self._rotation(p)
+        vr = self._open(p)
+        n = len(vr)
+        starts = self._timestamps(p, n)
+        if starts is None:
+            starts = self._call(p, "read timestamps of", vr.get_frame_timestamp, list(range(n)))[:, 0]  # [n] s
+        rate = vr.get_avg_fps()
+        src_step = 1.0 / rate if rate else 1.0 / fps
+        self._call(p, "seek in", vr.seek, 0)
+
+        def convert(frame) -> torch.Tensor:
+            rgb = self._rgb(frame)
+            return resize_crop(_to_float(np.rot90(rgb, k=turns) if turns else rgb), size)
+
+        timed = ((float(starts[i]), self._call(p, "decode", vr.next)) for i in range(n))
+        yield from _nearest_frames(timed, fps, src_step, convert, p)
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None,
+               reader: str | VideoReader = "pyav") -> tuple[torch.Tensor, float]:
     """Decode a video -> (frames float32 ``[T, 3, H, W]`` in [-1, 1], fps). Holds every frame in memory.
 
     For tests and data preparation. Display rotation (phone videos) is applied like :func:`read_image`.
+    ``reader``: ``pyav`` (default) or ``decord`` (see :func:`get_reader`).
     """
-    p = _check_file(path, "video")
-    frames = []
-    with _open_input(p, "video") as container:
-        if not container.streams.video:
-            raise MediaError(f"video file {p} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        for frame in container.decode(stream):
-            frames.append(_frame_to_rgb(frame, "rgb24"))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    if not frames:
-        raise MediaError(f"video file {p} contains no frames")
-    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return video, float(rate) if rate else 0.0
+    return get_reader(reader).read(path, max_frames)
 
 
-def iter_video_frames(path: str | os.PathLike, fps: float, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+def iter_video_frames(path: str | os.PathLike, fps: float, size: tuple[int, int],
+                      reader: str | VideoReader = "pyav") -> Iterator[torch.Tensor]:
     """Decode ``path`` frame by frame and yield frames at ``fps``: float32 ``[3, H, W]`` in [-1, 1], ``size=(H, W)``.
 
     Output frame ``j`` (time ``j / fps`` from the first decoded frame) is the decoded frame whose timestamp is
     nearest to it; the clip lasts until the last frame's end, and yields ``floor(duration * fps)`` frames (a small
-    tolerance absorbs timestamp rounding, e.g. Matroska's milliseconds). Only chosen frames are converted to RGB
-    and resized (:func:`resize_crop`, per frame), and only the current and previous frames are held, so
-    long or high-resolution clips stream. Colour conversion and rotation are those of :func:`read_video`.
+    tolerance absorbs timestamp rounding, e.g. Matroska's milliseconds). Picked frames are resized
+    (:func:`resize_crop`, per frame), and only the current and previous frames are held, so long or
+    high-resolution clips stream. Colour conversion and rotation are those of :func:`read_video`.
+    ``reader``: ``pyav`` (default) or ``decord``.
     """
-    p = _check_file(path, "video")
-    step = 1.0 / fps
-    with _open_input(p, "video") as container:
-        if not container.streams.video:
-            raise MediaError(f"video file {p} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame-threaded decoding; frames come out the same
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        src_step = 1.0 / float(rate) if rate else step
-
-        cache: dict = {}
-
-        def convert(frame) -> torch.Tensor:  # the same frame may be picked for several output times
-            if cache.get("frame") is not frame:
-                rgb = torch.from_numpy(_frame_to_rgb(frame, "rgb24")).permute(2, 0, 1).float().div(127.5).sub(1)
-                cache.update(frame=frame, image=resize_crop(rgb, size))
-            return cache["image"]
-
-        prev, prev_t, t0, j = None, 0.0, None, 0
-        for i, frame in enumerate(container.decode(stream)):
-            t = frame.time if frame.time is not None else i * src_step
-            t0 = t if t0 is None else t0
-            t -= t0
-            if prev is not None:
-                while j * step <= (prev_t + t) / 2:  # output time closer to the previous frame
-                    yield convert(prev)
-                    j += 1
-            prev, prev_t = frame, max(t, prev_t)
-        if prev is None:
-            raise MediaError(f"video file {p} contains no frames")
-        total = math.floor((prev_t + src_step) * fps + 0.05)
-        while j < total:
-            yield convert(prev)
-            j += 1
+    return get_reader(reader).iter_frames(path, fps, size)
 
 
 def probe(path: str | os.PathLike) -> dict:

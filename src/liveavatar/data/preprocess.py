@@ -185,8 +185,9 @@ def input_digest(root: Path, videos: list[Path]) -> str:
 class VideoEncoder:
     """Turns one video into its samples (see :mod:`liveavatar.data.shards`) with ``encoders`` and ``settings``."""
 
-    def __init__(self, encoders: Encoders, settings: Settings):
+    def __init__(self, encoders: Encoders, settings: Settings, reader: str | media.VideoReader = "pyav"):
         self.enc, self.settings = encoders, settings
+        self.reader = media.get_reader(reader)  # decodes the frames; the audio is always read with PyAV
         self.shapes = encoders.shapes(settings)
         self.window = self.shapes["video_frames"]
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -237,7 +238,7 @@ class VideoEncoder:
 
             samples, frames, reference, count = [], [], None, 0
             ref_index = {"first": 0, "last": None}.get(s.reference_frame, s.reference_frame)  # None: keep the latest
-            for j, frame in enumerate(media.iter_video_frames(path, s.fps, s.size)):
+            for j, frame in enumerate(media.iter_video_frames(path, s.fps, s.size, reader=self.reader)):
                 count = j + 1
                 if ref_index is None or j == ref_index:
                     reference = frame
@@ -342,13 +343,16 @@ def _plural(n: int, word: str) -> str:
 
 
 def preprocess_folder(videos: str | os.PathLike, out: str | os.PathLike, encoders: Encoders | Callable[[], Encoders],
-                      settings: Settings, model: dict, overwrite: bool = False, progress: bool = True) -> Result:
+                      settings: Settings, model: dict, overwrite: bool = False, progress: bool = True,
+                      reader: str | media.VideoReader = "pyav") -> Result:
     """Preprocess every video under ``videos`` into shards and a manifest in ``out``.
 
     ``encoders``: the models, or a function that loads them, called only once there is work to do (an up-to-date or
     occupied ``out`` is reported without waiting for a 10 GB text encoder). ``model``: the preset's configuration
     (at least ``name``; it must describe the encoders), recorded in the manifest; with ``settings`` it decides
-    whether an existing ``out`` is up to date. Raises ``ValueError`` (one line) for a missing or empty input folder,
+    whether an existing ``out`` is up to date. ``reader``: how frames are decoded (``pyav`` or ``decord``, see
+    :func:`liveavatar.media.get_reader`); both give the same frames, so it is recorded but does not make an existing
+    ``out`` out of date. Raises ``ValueError`` (one line) for a missing or empty input folder,
     an occupied output folder (:class:`FolderError`) or no usable video.
     """
     root, out = Path(videos).resolve(), Path(out).resolve()
@@ -366,7 +370,8 @@ def preprocess_folder(videos: str | os.PathLike, out: str | os.PathLike, encoder
     if existing is not None:
         return Result(out, len(paths), len(existing["samples"]), len(existing["shards"]), existing["skipped"], True)
 
-    video_encoder = VideoEncoder(encoders() if callable(encoders) else encoders, settings)
+    reader = media.get_reader(reader)
+    video_encoder = VideoEncoder(encoders() if callable(encoders) else encoders, settings, reader)
     shapes = video_encoder.shapes
     clear_output(out)
     writer = shards.ShardWriter(out, settings.shard_size, Encoders.sample_shapes(shapes))
@@ -389,7 +394,7 @@ def preprocess_folder(videos: str | os.PathLike, out: str | os.PathLike, encoder
                          f"{'; ...' if len(skipped) > 3 else ''})")
     manifest = {
         "format": shards.FORMAT, "version": shards.VERSION, **identity, "shapes": shapes,
-        "inputs": {"folder": str(root), "videos": len(paths), "digest": digest},
+        "inputs": {"folder": str(root), "videos": len(paths), "digest": digest, "reader": reader.name},
         "shards": writer.shards, "samples": writer.samples, "skipped": skipped,
     }
     shards.write_json(out / shards.MANIFEST, manifest)
@@ -440,6 +445,10 @@ def run(cfg: DictConfig) -> Result:
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
     device = resolve_device(str(cfg.device))
+    try:
+        reader = media.get_reader(str(cfg.get("reader", "pyav")))
+    except (ValueError, ImportError) as err:
+        raise UserError(str(err)) from err
     fpb = int(cfg.model.dit.frames_per_block)
     if settings.latent_frames % fpb:  # known before loading anything; the rest is checked once the models are
         raise UserError(f"data.clip_latent_frames={settings.latent_frames}: not a multiple of "
@@ -460,7 +469,8 @@ def run(cfg: DictConfig) -> Result:
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     try:
-        return preprocess_folder(cfg.videos, cfg.out, load, settings, model, overwrite=bool(cfg.overwrite))
+        return preprocess_folder(cfg.videos, cfg.out, load, settings, model, overwrite=bool(cfg.overwrite),
+                                 reader=reader)
     except ValueError as err:
         raise UserError(str(err)) from err
 

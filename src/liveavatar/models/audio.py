@@ -70,6 +70,13 @@ def split_into_blocks(features: torch.Tensor, frames_per_block: int, per_latent:
     return [grouped[:, b * frames_per_block : (b + 1) * frames_per_block] for b in range(blocks)]
 
 
+def _as_waveform(waveform: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Any 1-D audio -> float32 ``[samples]`` on ``device`` (a tensor already there is not copied)."""
+    if not isinstance(waveform, torch.Tensor):
+        waveform = torch.from_numpy(np.asarray(waveform, dtype=np.float32))
+    return waveform.to(device, torch.float32).flatten()
+
+
 class AudioProjection(nn.Module):
     """Features ``[B, V, layers, feat]`` -> audio tokens ``[B, F, per_latent, audio_dim]`` (``audio_proj.*``).
 
@@ -126,11 +133,11 @@ class Wav2Vec2Features:
     def __call__(self, waveform: np.ndarray | torch.Tensor, frames: int | None = None) -> torch.Tensor:
         """``waveform`` ``[samples]`` mono at 16 kHz -> ``[1, V, layers, hidden]`` with ``V = frames`` or the
         number of video frames the audio covers."""
-        wav = torch.as_tensor(np.asarray(waveform), dtype=torch.float32).flatten()
+        wav = _as_waveform(waveform, self.device)
         frames = frames or video_frames_for(wav.numel())
         # The normalisation of Wav2Vec2FeatureExtractor (do_normalize=True): zero mean, unit variance.
         wav = (wav - wav.mean()) / torch.sqrt(wav.var(unbiased=False) + 1e-7)
-        out = self.model(wav[None].to(self.device, self.dtype), output_hidden_states=True)
+        out = self.model(wav[None].to(self.dtype), output_hidden_states=True)
         hidden = torch.stack(out.hidden_states, dim=2)  # [1, T50, layers, hidden]
         return resample_frames(hidden.float(), frames)
 
@@ -139,7 +146,8 @@ class EnergyMelFeatures:
     """A cheap, weight-free extractor for the toy world: log-mel energies plus log RMS energy of the audio
     window of each video frame. Output ``[1, V, 1, n_mels + 1]``."""
 
-    def __init__(self, n_mels: int = 31, sample_rate: int = SAMPLE_RATE, fps: float = VIDEO_FPS):
+    def __init__(self, n_mels: int = 31, sample_rate: int = SAMPLE_RATE, fps: float = VIDEO_FPS,
+                 device: str | torch.device = "cpu"):
         from transformers.audio_utils import mel_filter_bank
 
         self.sample_rate, self.fps, self.n_mels = sample_rate, fps, n_mels
@@ -149,19 +157,21 @@ class EnergyMelFeatures:
             num_frequency_bins=self.n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=50.0,
             max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney", mel_scale="slaney",
         )
-        self.mel = torch.tensor(banks, dtype=torch.float32)  # [bins, n_mels]
+        self.device = torch.device(device)
+        self.mel = torch.tensor(banks, dtype=torch.float32, device=self.device)  # [bins, n_mels]
+        self.window = torch.hann_window(2 * self.hop, device=self.device)
         self.num_layers = 1
         self.feature_dim = n_mels + 1
 
     def __call__(self, waveform: np.ndarray | torch.Tensor, frames: int | None = None) -> torch.Tensor:
-        wav = torch.as_tensor(np.asarray(waveform), dtype=torch.float32).flatten()
+        wav = _as_waveform(waveform, self.device)
         frames = frames or video_frames_for(wav.numel(), self.sample_rate, self.fps)
         # One analysis window of two hops centred on each video frame.
         padded = F.pad(wav, (self.hop, self.n_fft))
         windows = padded.unfold(0, 2 * self.hop, self.hop)[:frames]
         if windows.shape[0] < frames:
             windows = F.pad(windows, (0, 0, 0, frames - windows.shape[0]))
-        spec = torch.fft.rfft(windows * torch.hann_window(2 * self.hop), n=self.n_fft).abs().pow(2)
+        spec = torch.fft.rfft(windows * self.window, n=self.n_fft).abs().pow(2)
         logmel = torch.log(spec @ self.mel + 1e-6)
         energy = torch.log(windows.pow(2).mean(-1, keepdim=True) + 1e-6)
         return torch.cat([logmel, energy], dim=-1)[None, :, None, :]
