@@ -104,7 +104,7 @@ SINKS = {
 @pytest.mark.parametrize("sink", list(SINKS))
 def test_tpp_equals_sequential_past_the_window_with_each_sink(tmp_path, tiny_checkpoint, sequential_frames, sink):
     """5 blocks through a 1-block history window: blocks leave the cache from block 2 on, while the sink stays."""
-    overrides = [TWO_STEPS, "max_seconds=0.6", "engine.window_blocks=1", *SINKS[sink]]
+    overrides = [TWO_STEPS, "max_seconds=0.6", "model.window_blocks=1", *SINKS[sink]]
     _, got = tpp_frames(tmp_path, tiny_checkpoint, *overrides)
     expected = sequential_frames(*overrides)
     assert got.shape[0] == 15

@@ -143,29 +143,17 @@ def build_engine(cfg: DictConfig, core: StreamCore):
 
 
 def engine_settings(cfg: DictConfig) -> EngineSettings:
-    e = cfg.engine
+    """The engine's settings: ``engine.*`` and ``denoise.*``, and the attention window and RoPE policy the model
+    config shares with training (``model.window_blocks``, ``model.rope.*``)."""
+    e, m = cfg.engine, cfg.model
+    rope = m.get("rope") or {}
     return EngineSettings(
         steps=[float(s) for s in cfg.denoise.steps], shift=float(cfg.denoise.shift), sink=e.sink,
         keep_first_block=bool(e.keep_first_block), sink_switch_block=e.sink_switch_block, history=e.history,
-        window_blocks=int(e.window_blocks), rope_policy=cfg.model.rope.policy,
-        rapr_distance=int(cfg.model.rope.max_distance), context_noise=float(e.context_noise),
+        window_blocks=int(m.get("window_blocks", 3)), rope_policy=rope.get("policy", "rolling"),
+        rapr_distance=int(rope.get("max_distance", 10)), rolling_offset=rope.get("rolling_offset"),
+        context_noise=float(e.context_noise),
     )
-
-
-def audio_feature_blocks(cfg: DictConfig, extractor, wav, fps: float, dit: DiTConfig, video_frames: int) -> list:
-    """Per-block audio features ``[1, frames_per_block, per_latent, layers, feat]``: offline over the whole file, or
-    with ``audio_features.streaming=true`` causally, the file fed in chunks as a live input would arrive."""
-    opts = cfg.get("audio_features") or {}
-    if not opts.get("streaming", False):
-        features = extractor(wav, video_frames)
-        return split_into_blocks(features, dit.frames_per_block, dit.video_frames_per_latent)
-    lookback, chunk_s = float(opts.get("lookback_s", 2.0)), opts.get("chunk_s")
-    if lookback < 0:
-        raise UserError(f"audio_features.lookback_s={lookback}: must be >= 0")
-    if chunk_s is not None and float(chunk_s) * 16000 < 1:
-        raise UserError(f"audio_features.chunk_s={chunk_s}: must be at least one sample (1/16000 s)")
-    chunk = None if chunk_s is None else int(float(chunk_s) * 16000)
-    return stream_blocks(extractor, wav, fps, dit.frames_per_block, dit.video_frames_per_latent, lookback, chunk)
 
 
 @dataclass

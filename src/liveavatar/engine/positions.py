@@ -60,6 +60,25 @@ class PositionPolicy:
             if self.max_distance < 1:
                 raise ValueError(f"model.rope.max_distance must be at least 1, got {self.max_distance}")
 
+    @classmethod
+    def from_config(cls, frames_per_block: int, reference_position: int, window_blocks: int,
+                    rope: dict | None = None) -> "PositionPolicy":
+        """From the model config's ``window_blocks`` and ``rope`` keys (``policy``, ``max_distance``,
+        ``rolling_offset``, ``train_shift``): the one place training and streaming read them."""
+        rope = dict(rope or {})
+        if int(window_blocks) < 1:
+            raise ValueError(f"model.window_blocks must be at least 1, got {window_blocks}")
+        policy = cls(policy=rope.get("policy", "rolling"), frames_per_block=frames_per_block,
+                     window_frames=int(window_blocks) * frames_per_block, reference_position=reference_position,
+                     rolling_offset=rope.get("rolling_offset"), max_distance=int(rope.get("max_distance", 10)),
+                     train_shift=int(rope.get("train_shift", 0)))
+        policy.check([reference_position])
+        return policy
+
+    @property
+    def window_blocks(self) -> int:
+        return self.window_frames // self.frames_per_block
+
     # ---------------------------------------------------------------------------------------------- policy
     def sink_offset(self, n: int) -> int:
         """Position of the sink (its reference frame) minus that of the first frame of the block at ``n``."""

@@ -54,7 +54,7 @@ class EngineSettings:
         if not self.steps:
             raise ValueError("denoise.steps must list at least one step")
         if self.window_blocks < 1:
-            raise ValueError("engine.window_blocks must be at least 1")
+            raise ValueError("model.window_blocks must be at least 1")
 
     @property
     def switch_block(self) -> int:

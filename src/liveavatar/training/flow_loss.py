@@ -5,6 +5,11 @@ levels: the teacher draws one level per clip and attends bidirectionally; Diffus
 independent level per block of ``frames_per_block`` latent frames and attends block-causally, so that the
 model learns to denoise a block given history at any noise level (what the streaming engine asks of it).
 
+Diffusion Forcing trains what the engine streams: each block attends to the sink and at most
+``window_blocks`` earlier blocks, with the sink at the position the policy gives it from that block, and each
+clip placed at a random offset of a longer stream (:meth:`PositionPolicy.training_positions`). The teacher is
+bidirectional with the reference at the model's ``reference_position``.
+
 Conditioning dropout (for classifier-free guidance): each clip independently loses its text (zeros), its
 audio (zero features) or both.
 """
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.flow import FlowSchedule
+from ..engine.positions import PositionPolicy
 from ..models.dit import AvatarDiT
 
 
@@ -46,10 +52,14 @@ class FlowMatchingLoss:
         config: loss settings.
         causal: Diffusion Forcing (block-causal mask, one level per block) instead of the teacher.
         frames_per_block: latent frames per block (the model's ``frames_per_block``).
+        positions: the streaming window and position policy (Diffusion Forcing); None: every earlier block is
+            visible and positions are the clip's own.
     """
 
-    def __init__(self, config: FlowLossConfig, causal: bool, frames_per_block: int):
+    def __init__(self, config: FlowLossConfig, causal: bool, frames_per_block: int,
+                 positions: PositionPolicy | None = None):
         self.config, self.causal, self.frames_per_block = config, causal, frames_per_block
+        self.positions = positions
         self.flow = FlowSchedule(config.shift)
 
     def noise_levels(self, batch: int, frames: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -89,8 +99,14 @@ class FlowMatchingLoss:
         audio = batch.get("audio") if model.audio_proj is not None else None
         text, audio = self.drop_conditions(batch["text"].float(), audio, generator)
         dtype = next(model.parameters()).dtype
+        placement = {}
+        if self.causal and self.positions is not None:
+            frame_pos, sink_pos = self.positions.training_positions(b, frames, generator, device)
+            placement = dict(frame_pos=frame_pos, reference_pos=sink_pos[..., None],
+                             window_blocks=self.positions.window_blocks)
         v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
-                  causal=self.causal, reference=batch.get("reference").to(dtype) if "reference" in batch else None)
+                  causal=self.causal, reference=batch.get("reference").to(dtype) if "reference" in batch else None,
+                  **placement)
         target = self.flow.velocity_target(x0, noise)
         per_frame = F.mse_loss(v.float(), target, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
         if self.config.weighting == "bell":

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import torch
 
+from ..engine.positions import PositionPolicy
 from ..models import AvatarDiT, DiTConfig
 from .flow_loss import FlowLossConfig, FlowMatchingLoss
 from .lora import LoraSettings, apply_lora, merged_copy
@@ -38,6 +39,8 @@ class ModelSettings:
     """How the DiT is built: from scratch, or from a checkpoint (``init_from``), with optional LoRA."""
 
     dit: dict = field(default_factory=dict)
+    window_blocks: int = 3      # Diffusion Forcing's history window, as the engine streams it
+    rope: dict = field(default_factory=dict)  # the position policy (model.rope.*), as the engine streams it
     init_from: str | None = None
     gradient_checkpointing: bool = False
     lora: dict = field(default_factory=dict)
@@ -64,8 +67,10 @@ class FlowMatchingModule(L.LightningModule):
         self.dit_config = DiTConfig.from_dict(dict(self.model_settings.dit))
         self.lora = LoraSettings(**(self.model_settings.lora or {}))
         self.optim = OptimSettings(**optim)
+        positions = PositionPolicy.from_config(self.dit_config.frames_per_block, self.dit_config.reference_position,
+                                               self.model_settings.window_blocks, self.model_settings.rope)
         self.loss_fn = FlowMatchingLoss(FlowLossConfig(**loss), causal=stage == "diffusion_forcing",
-                                        frames_per_block=self.dit_config.frames_per_block)
+                                        frames_per_block=self.dit_config.frames_per_block, positions=positions)
         self.model: AvatarDiT | None = None
 
     # ------------------------------------------------------------------------------------------ model

@@ -96,6 +96,8 @@ def build_loggers(spec: DictConfig, folder: Path) -> list:
 def build_module(cfg: DictConfig) -> FlowMatchingModule:
     model = {
         "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
+        "window_blocks": int(cfg.model.get("window_blocks", 3)),
+        "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
         "init_from": cfg.init_from,
         "gradient_checkpointing": bool(cfg.memory.gradient_checkpointing),
         "lora": OmegaConf.to_container(cfg.lora, resolve=True) if cfg.lora else {},
