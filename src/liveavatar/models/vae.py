@@ -84,6 +84,7 @@ class WanVAE:
         # Kept in float32 on the CPU; moved/cast per call so normalization never runs in bf16.
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, z, 1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> "WanVAE":
@@ -166,12 +167,19 @@ class WanVAE:
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         """Raw posterior mean ``[B, C, F, h, w]`` -> normalized latents (float32 math, input dtype out)."""
-        mean, std = self._mean.to(mu.device), self._std.to(mu.device)
+        mean, std = self._stats(mu.device)
         return ((mu.float() - mean) / std).to(mu.dtype)
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean, std on ``device``, copied there once (not on every chunk of a stream)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self._mean.to(device), self._std.to(device))
+        return self._on_device[key]
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> raw VAE latents ``z = latents * std + mean``, in the VAE's dtype."""
-        mean, std = self._mean.to(latents.device), self._std.to(latents.device)
+        mean, std = self._stats(latents.device)
         return (latents.float() * std + mean).to(device=self.device, dtype=self.dtype)
 
     # ---- encode / decode --------------------------------------------------------------------------------------

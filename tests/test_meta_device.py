@@ -1,0 +1,130 @@
+"""The project's stand-in for a GPU: everything runs with the model on the ``meta`` device.
+
+PyTorch refuses to mix CPU and meta tensors exactly as it refuses CPU and CUDA tensors, and it refuses
+``.item()``/``bool()`` on a meta tensor as a GPU pipeline would stall on them; so a forward that builds a table on
+the CPU, indexes a device tensor with a host tensor or synchronises with the host fails here as it would on a
+GPU. Meta tensors have shapes and dtypes but no data, so these tests check that the code runs on a device and
+keeps dtypes, not numbers (the CPU tests check numbers).
+"""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from liveavatar.devices import autocast_type
+from liveavatar.engine.batch import StreamBatchEngine
+from liveavatar.engine.stream import EngineSettings, SequentialEngine, StreamCore
+from liveavatar.engine.tpp import Channel, DiTStage, Layout, RankStats, StageOptions
+from liveavatar.engine.positions import PositionPolicy
+from liveavatar.models import AvatarDiT, DiTConfig
+from liveavatar.models.vae import PatchVAE, WanVAE
+from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
+
+pytestmark = pytest.mark.meta
+META = torch.device("meta")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tiny_preset() -> DiTConfig:
+    return DiTConfig.from_dict(OmegaConf.to_container(OmegaConf.load("conf/model/tiny.yaml").dit))
+
+
+def meta_model(dtype, **overrides) -> AvatarDiT:
+    cfg = tiny_preset()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    with META:
+        return AvatarDiT(cfg).to(dtype).eval().requires_grad_(False)
+
+
+def stream_inputs(cfg: DiTConfig, dtype):
+    context = torch.randn(1, 4, cfg.text_dim, device=META)
+    reference = torch.randn(1, cfg.in_dim, 1, 8, 8, device=META, dtype=dtype)
+    audio = torch.randn(1, cfg.frames_per_block, cfg.video_frames_per_latent, cfg.audio_layers_in,
+                        cfg.audio_feature_dim, device=META)
+    return context, reference, audio
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("engine", [SequentialEngine, StreamBatchEngine], ids=["sequential", "stream_batch"])
+@pytest.mark.parametrize("policy,sink", [("rolling", "aas"), ("rapr", "reference"), ("absolute", "none")])
+def test_engines_stream_past_the_window_on_the_device(engine, dtype, policy, sink):
+    model = meta_model(dtype)
+    context, reference, audio = stream_inputs(model.config, dtype)
+    settings = EngineSettings(steps=[1000, 750, 500], window_blocks=1, rope_policy=policy, sink=sink, rapr_distance=5)
+    core = StreamCore(model, settings, (model.config.in_dim, 8, 8), context, reference)
+    assert core.cache.k.device == META and core.cache.k.dtype == dtype
+    outs = [(b, x0) for b, x0 in engine(core).stream(audio for _ in range(6))]
+    assert [b for b, _ in outs] == list(range(6))
+    assert all(x0.device == META and x0.shape == (1, model.config.in_dim, 3, 8, 8) for _, x0 in outs)
+    assert core.cache.k.dtype == dtype  # the cache keeps the model's dtype
+
+
+def test_clean_history_streams_on_the_device():
+    model = meta_model(torch.bfloat16)
+    context, reference, audio = stream_inputs(model.config, torch.bfloat16)
+    core = StreamCore(model, EngineSettings(steps=[1000, 500], window_blocks=1, history="clean", context_noise=50.0),
+                      (model.config.in_dim, 8, 8), context, reference)
+    assert len(list(SequentialEngine(core).stream(audio for _ in range(4)))) == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_one_tpp_stage_forward_on_the_device(dtype):
+    model = meta_model(dtype)
+    context, reference, audio = stream_inputs(model.config, dtype)
+    layout = Layout(steps=3)
+    for step in range(3):
+        core = StreamCore(model, EngineSettings(steps=[1000, 750, 500], window_blocks=1), (model.config.in_dim, 8, 8),
+                          context, reference, lanes=1)
+        stage = DiTStage(core, step, layout, Channel(META, RankStats(step, "step")), StageOptions())
+        x = core.noise(0, step)
+        for block in range(3):
+            x0, out = stage._compute(x, block, audio)
+            assert x0.device == META and out.device == META and out.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_streaming_vae_decode_on_the_device(dtype):
+    from diffusers import AutoencoderKLWan
+
+    with META:
+        model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[True, True], scale_factor_spatial=4,
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).to(dtype)
+    vae = WanVAE(model)
+    decoder = vae.stream_decoder()
+    chunks = [decoder.decode(torch.randn(1, 4, 3, 4, 4, device=META, dtype=dtype)) for _ in range(3)]
+    assert [c.shape[2] for c in chunks] == [9, 12, 12]
+    assert all(c.device == META for c in chunks)
+    patch = PatchVAE(2).stream_decoder().decode(torch.randn(1, 12, 3, 8, 8, device=META, dtype=dtype))
+    assert patch.device == META and patch.shape == (1, 3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("stage", ["teacher", "diffusion_forcing"])
+def test_one_training_step_on_the_device(stage, dtype):
+    cfg = tiny_preset()
+    with META:
+        model = AvatarDiT(cfg).to(dtype).train()
+    model.gradient_checkpointing = stage == "teacher"  # both paths: recomputed and stored activations
+    positions = PositionPolicy("rapr", cfg.frames_per_block, 3, max_distance=5, train_shift=10)
+    loss_fn = FlowMatchingLoss(FlowLossConfig(), causal=stage == "diffusion_forcing",
+                               frames_per_block=cfg.frames_per_block, positions=positions)
+    frames = 2 * cfg.frames_per_block
+    batch = {
+        "latents": torch.randn(2, cfg.in_dim, frames, 8, 8, device=META),
+        "reference": torch.randn(2, cfg.in_dim, 1, 8, 8, device=META),
+        "audio": torch.randn(2, frames * cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
+                             device=META),
+        "text": torch.randn(2, 4, cfg.text_dim, device=META),
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    with torch.autocast(autocast_type(META), dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss, stats = loss_fn(model, batch)
+    assert loss.device == META and loss.shape == ()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device == META for p in model.blocks[0].parameters())
+    optimizer.step()
+
+
+def test_autocast_maps_devices_without_a_backend():
+    assert autocast_type(META) == "cpu" and autocast_type("cpu") == "cpu" and autocast_type("cuda:1") == "cuda"
