@@ -4,7 +4,14 @@ delay, and peak memory after 100 vs many blocks. Every ratio is measured in this
     python bench/stream.py                      # the tiny preset on whatever device is present
     python bench/stream.py --long-blocks 1000   # a quicker memory check
 
-The last line is one JSON object: forward_ms, stream_batch_speedup, rtf, first_frame_s, memory_ratio.
+The last line is one JSON object: forward_ms, stream_batch_speedup, rtf, first_frame_s, memory_ratio, and the
+host overhead figures host_ms_engine, host_ms_dit, host_overhead_ratio.
+
+Host overhead: on the meta device no kernel runs, so the time of a forward there is the host's own work (Python,
+op dispatch, RoPE tables, masks, cache bookkeeping), which on a GPU must stay far below the kernels' time.
+``host_ms_engine`` is one cached engine forward of the ``--host-preset`` (wan2.1-1.3b) with a full window,
+``host_ms_dit`` the bare full-sequence DiT forward of the same query tokens; their ratio is the engine's cost on
+the host beyond the model's own (target <= 1.2).
 """
 from __future__ import annotations
 
@@ -40,6 +47,44 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def host_overhead(preset_name: str, repeats: int = 12) -> dict:
+    """Median host time of one engine forward (full window) and one bare DiT forward of the same block on meta."""
+    preset = OmegaConf.load(ROOT / "conf" / "model" / f"{preset_name}.yaml")
+    cfg = DiTConfig.from_dict(OmegaConf.to_container(preset.dit, resolve=True))
+    meta = torch.device("meta")
+    with meta:
+        model = AvatarDiT(cfg).to(torch.bfloat16).eval()
+    space = 8  # Wan's VAE; the latent grid follows the preset's resolution
+    h, w = (int(v) // space for v in preset.resolution)
+    fpb = cfg.frames_per_block
+    context = torch.randn(1, 64, cfg.text_dim, device=meta)
+    reference = torch.randn(1, cfg.in_dim, 1, h, w, device=meta, dtype=torch.bfloat16)
+    audio = (torch.randn(1, fpb, cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
+                         device=meta) if cfg.has_audio else None)
+    settings = EngineSettings(steps=[1000.0], window_blocks=int(preset.get("window_blocks", 3)),
+                              rope_policy=preset.rope.policy)
+    core = StreamCore(model, settings, (cfg.in_dim, h, w), context, reference)
+    full = settings.window_blocks + 2
+    for _ in SequentialEngine(core).stream(audio for _ in range(full)):
+        pass
+    x = core.noise(0, 0).to(torch.bfloat16)
+    t = core.step_timesteps(0)
+    tokens = core.audio_tokens(audio)
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:]) * 1000
+
+    engine_ms = median_ms(lambda: core.forward(x, t, [0], [full], tokens, write=True))
+    dit_ms = median_ms(lambda: model(x, t, context, audio=audio, reference=reference))
+    return {"host_preset": preset_name, "host_ms_engine": round(engine_ms, 3), "host_ms_dit": round(dit_ms, 3),
+            "host_overhead_ratio": round(engine_ms / dit_ms, 3)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -49,7 +94,9 @@ def main():
     p.add_argument("--blocks", type=int, default=24, help="blocks timed per engine")
     p.add_argument("--long-blocks", type=int, default=10_000, help="blocks of the memory run")
     p.add_argument("--steps", default="1000,750,500,250")
+    p.add_argument("--host-preset", default="wan2.1-1.3b", help="preset of the meta-device host overhead figures")
     args = p.parse_args()
+    host = host_overhead(args.host_preset)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -135,12 +182,15 @@ def main():
         "memory_blocks": [100, args.long_blocks],
         "memory_ratio": round(marks[args.long_blocks] / marks[100], 4),
         "cache_mb": round(core.cache.nbytes / 2**20, 3),
+        **host,
     }
     print(f"one forward: {result['forward_ms']:.2f} ms; sequential block {result['sequential_block_ms']:.2f} ms, "
           f"stream_batch block {result['stream_batch_block_ms']:.2f} ms (x{result['stream_batch_speedup']:.2f})")
     print(f"real-time factor {result['rtf']:.3f} ({block_seconds:.2f} s of video per block); first frame "
           f"{result['first_frame_s']:.3f} s; peak memory after {args.long_blocks} blocks / after 100: "
           f"{result['memory_ratio']:.4f}")
+    print(f"host work per forward on the meta device ({args.host_preset}): engine {host['host_ms_engine']:.2f} ms, "
+          f"bare DiT {host['host_ms_dit']:.2f} ms, ratio {host['host_overhead_ratio']:.3f}")
     print(json.dumps(result))
 
 

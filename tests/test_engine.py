@@ -282,3 +282,30 @@ def test_long_stream_keeps_constant_memory_and_finite_output():
     assert seen[10] == seen[blocks - 1]
     assert max(core.cache.frame[0][core.cache.sink_frames:]) == blocks * fpb - 1
     assert len(core.rope._tables) <= 16  # rolling positions repeat: a handful of tables serve the whole stream
+
+
+def test_bfloat16_streaming_agrees_with_float32():
+    """The same weights in bf16 on the CPU: the cache stays bf16 and the stream stays within 1% (relative L2) of
+    float32 on every block (measured 0.30 %, max abs 0.011 at an output scale of 0.6), without growing."""
+    from omegaconf import OmegaConf
+    from liveavatar.models import DiTConfig
+
+    cfg = DiTConfig.from_dict(OmegaConf.to_container(OmegaConf.load("conf/model/tiny.yaml").dit))
+    torch.manual_seed(0)
+    m32 = randomise(AvatarDiT(cfg), std=0.05).eval()
+    m16 = AvatarDiT(cfg).eval()
+    m16.load_state_dict(m32.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    ctx, ref = torch.randn(1, 4, cfg.text_dim, generator=g), torch.randn(1, 12, 1, 8, 8, generator=g)
+    audio = [torch.randn(1, 3, 1, 1, 32, generator=g) for _ in range(8)]
+    outs = {}
+    for m in (m32, m16):
+        core = StreamCore(m, EngineSettings(steps=[1000, 750, 500, 250], window_blocks=2), (12, 8, 8), ctx, ref)
+        outs[m is m16] = torch.cat([x for _, x in SequentialEngine(core).stream(audio)], 2).float()
+        assert core.cache.k.dtype == next(m.parameters()).dtype
+    full, half = outs[False], outs[True]
+    rel = [((full - half)[:, :, 3 * b : 3 * b + 3].norm() / full[:, :, 3 * b : 3 * b + 3].norm()).item() for b in range(8)]
+    assert max(rel) < 0.01, rel
+    assert min(rel) > 1e-4  # bf16 really ran
+    assert rel[-1] < 2 * rel[0]  # no drift over the stream
