@@ -20,6 +20,7 @@ class StreamBatchEngine:
         core.require_step_pipeline("stream_batch")
         self.core = core
 
+    @torch.no_grad()
     def stream(self, audio_blocks: Iterable[torch.Tensor | None]) -> Iterator[tuple[int, torch.Tensor]]:
         core = self.core
         n_steps = len(core.timesteps)

@@ -13,6 +13,8 @@ range (``lo:hi``), so every read is a view and every write a slice copy: no inde
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -83,3 +85,20 @@ class KVCache:
         of the sink slots become empty."""
         for lane in range(lanes.start, lanes.stop):
             self.frame[lane][: self.sink_frames] = list(positions) + [None] * (self.sink_frames - len(positions))
+
+    def snapshot(self) -> "CacheSnapshot":
+        """A copy of the contents and the bookkeeping (Stage 2's block-wise gradient accumulation re-runs a block
+        against the cache it first saw)."""
+        return CacheSnapshot(self.k.clone(), self.v.clone(), [list(lane) for lane in self.frame])
+
+    def restore(self, snap: "CacheSnapshot") -> None:
+        self.k.copy_(snap.k)
+        self.v.copy_(snap.v)
+        self.frame = [list(lane) for lane in snap.frame]
+
+
+@dataclass
+class CacheSnapshot:
+    k: torch.Tensor
+    v: torch.Tensor
+    frame: list[list[int | None]]

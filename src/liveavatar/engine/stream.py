@@ -88,14 +88,25 @@ class CachedAttention:
                  mask: torch.Tensor | None, write_starts: list[int] | None):
         self.cache, self.lanes, self.rope_q, self.rope_cache = cache, lanes, rope_q, rope_cache
         self.mask, self.write_starts = mask, write_starts
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.written: set[int] = set()
+
+    def freeze(self) -> None:
+        """Read from a copy of the lanes' keys and values taken now (for a forward whose blocks may be recomputed
+        in the backward pass, after later forwards changed the cache)."""
+        self.frozen = (self.cache.k[:, self.lanes].clone(), self.cache.v[:, self.lanes].clone())
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.cache.view(layer, self.lanes)
+        if self.frozen is None:
+            ck, cv = self.cache.view(layer, self.lanes)
+        else:
+            ck, cv = self.frozen[0][layer].flatten(1, 2), self.frozen[1][layer].flatten(1, 2)
         keys = torch.cat([self.rope_cache.rotate(ck), self.rope_q.rotate(k)], dim=1)
         values = torch.cat([cv, v], dim=1)
         out = attend(self.rope_q.rotate(q), keys, values, self.mask)
-        if self.write_starts is not None:
-            self.cache.write_history(layer, self.lanes, self.write_starts, k, v)
+        if self.write_starts is not None and layer not in self.written:  # a recomputation does not write again
+            self.cache.write_history(layer, self.lanes, self.write_starts, k.detach(), v.detach())
+            self.written.add(layer)
         return out
 
 
@@ -162,8 +173,9 @@ class StreamCore:
         self.rope = RopeTables(self.h, self.w, cfg.head_dim, cfg.rope_theta, self.device)
         self._masks: dict[tuple, torch.Tensor] = {}
         self.lane_sink_version = [-1] * n_lanes
+        self.context = context.to(self.device)
         with torch.no_grad():
-            self.text = model.text_kv(model.embed_text(context.to(self.device)))
+            self.text = model.text_kv(model.embed_text(self.context))
 
     def require_step_pipeline(self, engine: str) -> None:
         """Raise unless the settings allow running the steps of different blocks at once (stream_batch, tpp):
@@ -242,10 +254,14 @@ class StreamCore:
         self.cache.commit_sink(lanes, state.positions)
 
     # ------------------------------------------------------------------------------------------ forward
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, lanes: list[int], blocks: list[int],
                 audio: torch.Tensor | None, write: bool) -> torch.Tensor:
         """Velocity of the current blocks of ``lanes``.
+
+        Engines call it without gradients. With gradients enabled (Stage 2 training rolls out through this same
+        forward) the text is embedded anew so its weights get gradients, the cache the forward reads is frozen
+        for its backward pass (a recomputed, gradient-checkpointed block sees the cache it saw, not the one
+        later blocks wrote), and what it writes into the cache is detached: history never carries a graph.
 
         Args:
             x: ``[n, C, F, H, W]`` noisy block latents, one per lane.
@@ -261,9 +277,13 @@ class StreamCore:
         for lane, block in zip(lanes, blocks):
             self.ensure_sink(lane, block)
         attention = self.plan_attention(lanes, blocks, write)
+        text = self.text
+        if torch.is_grad_enabled():
+            attention.freeze()
+            text = model.embed_text(self.context)
         tokens = model.embed_video(x, self.reference)
         e, e6 = model.time_modulation(t.to(self.device)[:, None].expand(n, f), audio)
-        out = model.run_blocks(tokens, e6, self.text, attention, audio, 0)
+        out = model.run_blocks(tokens, e6, text, attention, audio, 0)
         out = model.unpatchify(model.head(out, e).float(), f, self.latent_shape[1:])
         if write:
             self.cache.commit_history(attention.lanes, attention.write_starts, f)
@@ -284,8 +304,7 @@ class StreamCore:
         """Grouped block features ``[1, F, per_latent, layers, feat]`` -> tokens ``[1, F, per_latent, audio_dim]``."""
         if grouped is None or self.model.audio_proj is None:
             return None
-        with torch.no_grad():
-            return self.model.audio_proj.project_grouped(grouped.to(self.device))
+        return self.model.audio_proj.project_grouped(grouped.to(self.device))
 
     def step_output(self, x: torch.Tensor, v: torch.Tensor, step: int) -> torch.Tensor:
         """Clean estimate ``x0`` from the velocity at step ``step`` (``[n, ...]``, one step for all)."""
@@ -309,6 +328,7 @@ class SequentialEngine:
     def __init__(self, core: StreamCore):
         self.core = core
 
+    @torch.no_grad()
     def stream(self, audio_blocks: Iterable[torch.Tensor | None]) -> Iterator[tuple[int, torch.Tensor]]:
         """Consume one grouped audio feature tensor (or None) per block; yield ``(block, x0 [1, C, F, H, W])``."""
         core = self.core

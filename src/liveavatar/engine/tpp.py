@@ -239,6 +239,7 @@ class DiTStage:
         # (or has sent) its clean latents, and this rank has not received them yet.
         self.sink_in_flight = False
 
+    @torch.no_grad()
     def _compute(self, x, block, grouped):
         core = self.core
         if self.options.fail_at is not None and self.options.fail_at[:2] == (self.step, block):
