@@ -86,19 +86,34 @@ class KVCache:
         for lane in range(lanes.start, lanes.stop):
             self.frame[lane][: self.sink_frames] = list(positions) + [None] * (self.sink_frames - len(positions))
 
-    def snapshot(self) -> "CacheSnapshot":
-        """A copy of the contents and the bookkeeping (Stage 2's block-wise gradient accumulation re-runs a block
-        against the cache it first saw)."""
-        return CacheSnapshot(self.k.clone(), self.v.clone(), [list(lane) for lane in self.frame])
+    def block_entry(self, lane: int, start: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values ``[layers, frames, T, H, D]`` of the block that starts at stream frame
+        ``start`` in ``lane`` (what a block adds to the history)."""
+        slot = self.history_slot(start)
+        return self.k[:, lane, slot : slot + frames].clone(), self.v[:, lane, slot : slot + frames].clone()
 
-    def restore(self, snap: "CacheSnapshot") -> None:
-        self.k.copy_(snap.k)
-        self.v.copy_(snap.v)
-        self.frame = [list(lane) for lane in snap.frame]
+    def sink_entry(self, lane: int) -> SinkEntry:
+        """A copy of ``lane``'s sink slots and their positions."""
+        return SinkEntry(self.k[:, lane, : self.sink_frames].clone(), self.v[:, lane, : self.sink_frames].clone(),
+                         list(self.frame[lane][: self.sink_frames]))
+
+    def rebuild(self, lane: int, sink: SinkEntry | None, blocks: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Make ``lane`` hold exactly ``sink`` and the history blocks ``(start, k, v)`` (as written by
+        :meth:`block_entry`): the cache a block saw, rebuilt from what each block added to it."""
+        self.frame[lane] = [None] * self.slots
+        if sink is not None:
+            self.k[:, lane, : self.sink_frames] = sink.k
+            self.v[:, lane, : self.sink_frames] = sink.v
+            self.frame[lane][: self.sink_frames] = list(sink.frame)
+        for start, k, v in blocks:
+            slot, frames = self.history_slot(start), k.shape[1]
+            self.k[:, lane, slot : slot + frames] = k
+            self.v[:, lane, slot : slot + frames] = v
+            self.frame[lane][slot : slot + frames] = list(range(start, start + frames))
 
 
 @dataclass
-class CacheSnapshot:
+class SinkEntry:
     k: torch.Tensor
     v: torch.Tensor
-    frame: list[list[int | None]]
+    frame: list[int | None]

@@ -17,8 +17,10 @@ the block (``distill.history``):
 Block-wise gradient accumulation (Live Avatar's Algorithm 2): :meth:`SelfForcingRollout.run` with
 ``keep_graph=False`` rolls out every block without gradient and records, per block, its exit-step input and a
 snapshot of the cache it attended to; :meth:`SelfForcingRollout.backward_blockwise` then re-runs one block at a
-time, with gradient, against its snapshot and back-propagates that block's share of the loss gradient. The history
-is detached, so the sum equals the one-shot gradient, while only one block's activations are alive at a time.
+time, with gradient, against the cache it saw (rebuilt from the sink and what each earlier block in the window
+added) and back-propagates that block's share of the loss gradient. The history is detached, so the sum equals the
+one-shot gradient, while only one block's activations are alive at a time; what is stored per block is its input
+and its own keys and values (the paper's "detached keys/values"), not copies of the whole cache.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine.cache import CacheSnapshot
+from ..engine.cache import SinkEntry
 from ..engine.stream import StreamCore
 
 HISTORIES = ("corrupt", "clean", "fixed_noise")
@@ -49,13 +51,16 @@ class RolloutSettings:
 @dataclass
 class BlockRecord:
     """What block-wise accumulation needs to re-run a block's exit step: its input ``[1, C, F, H, W]``, its audio
-    features, and the cache (with the sink state) it attended to."""
+    features, the sink it saw (shared between blocks that saw the same version), and the keys and values
+    ``[layers, F, T, H, D]`` it added to the history (for the blocks after it)."""
 
     block: int
     x_exit: torch.Tensor
     audio: torch.Tensor | None
-    cache: CacheSnapshot
-    sink_versions: list[int]
+    sink: SinkEntry | None
+    sink_version: int
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 class SelfForcingRollout:
@@ -112,16 +117,22 @@ class SelfForcingRollout:
         if not 0 <= exit_step < self.steps:
             raise ValueError(f"exit step {exit_step} outside the {self.steps} denoising steps")
         core, corrupt = self.core, self.settings.history == "corrupt"
-        outputs, records = [], []
+        outputs, records, sinks = [], [], {}
         for block, grouped in enumerate(audio_blocks):
             x = self._denoise_to(block, exit_step, grouped)
             if not keep_graph:
                 core.ensure_sink(0, block)
-                records.append(BlockRecord(block, x, grouped, core.cache.snapshot(), list(core.lane_sink_version)))
+                version = core.lane_sink_version[0]
+                if version not in sinks:
+                    sinks[version] = core.cache.sink_entry(0) if core.cache.sink_frames else None
+                records.append(BlockRecord(block, x, grouped, sinks[version], version))
             with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
                 x0 = self.exit_forward(x, block, exit_step, grouped, write=corrupt)
             if not corrupt:
                 self._write_history(x0.detach(), block, grouped)
+            if not keep_graph:
+                f = core.frames_per_block
+                records[-1].k, records[-1].v = core.cache.block_entry(0, block * f, f)
             if block == 0:
                 core.sink.first_block_done(x0.detach())
             outputs.append(x0)
@@ -132,10 +143,12 @@ class SelfForcingRollout:
         rolled-out video is ``grad_video`` ``[1, C, blocks * F, H, W]``: block by block, last to first, each exit
         step re-run with gradient against the cache it saw, each record freed after its block."""
         core, f = self.core, self.core.frames_per_block
+        window = core.settings.window_blocks
         while records:
             record = records.pop()
-            core.cache.restore(record.cache)
-            core.lane_sink_version = list(record.sink_versions)
+            history = [(r.block * f, r.k, r.v) for r in records[max(0, len(records) - window):]]
+            core.cache.rebuild(0, record.sink, history)
+            core.lane_sink_version[0] = record.sink_version
             with torch.enable_grad():
                 x0 = self.exit_forward(record.x_exit, record.block, exit_step, record.audio, write=False)
             x0.backward(grad_video[:, :, record.block * f : (record.block + 1) * f].to(x0.dtype))
