@@ -25,7 +25,7 @@ Streaming keeps the numbers bounded: the current block sits at ``anchor(n) = min
 ``rolling`` and ``rapr`` (``n`` under ``absolute``), so positions never grow with the length of the stream.
 Training (:meth:`PositionPolicy.training_positions`) treats each clip as a window of a longer stream that starts
 at a random frame ``r`` in ``[0, train_shift]``, so a short clip shows the model the offsets a long stream
-produces.
+produces. With Stage 1's motion frames, that window holds the motion frames and then the clip.
 """
 from __future__ import annotations
 
@@ -132,11 +132,14 @@ class PositionPolicy:
 
     # ------------------------------------------------------------------------------------------ training
     def training_positions(self, batch: int, frames: int, generator: torch.Generator | None = None,
-                           device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions for a block-causal training forward over clips of ``frames`` latent frames.
+                           device=None, context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions for a block-causal training forward over clips of ``frames`` latent frames, each preceded
+        by ``context`` motion frames.
 
-        Each clip starts at a random stream frame ``r`` in ``[0, train_shift]``; frame ``i`` sits at ``r + i`` and
-        block ``j``'s sink at ``r + j f + d(r + j f)``.
+        Each window of motion frames and clip starts at a random stream frame ``r`` in ``[0, train_shift]``; clip
+        frame ``i`` sits at ``c = r + context + i`` and block ``j``'s sink at ``c + j f + d(c + j f)`` (the motion
+        frames at ``r .. r + context - 1``, as the model places them; :meth:`check_context` says whether a sink
+        lands on one).
 
         Returns:
             frame positions ``[B, F]`` and the reference's position per block ``[B, F / f]`` (long).
@@ -144,8 +147,27 @@ class PositionPolicy:
         f = self.frames_per_block
         if frames % f:
             raise ValueError(f"clips of {frames} latent frames do not split into blocks of {f}")
-        start = torch.randint(0, self.train_shift + 1, (batch,), generator=generator)
+        start = torch.randint(0, self.train_shift + 1, (batch,), generator=generator) + context
         frame_pos = start[:, None] + torch.arange(frames)[None]
-        sink = torch.tensor([[s + j * f + self.sink_offset(s + j * f) for j in range(frames // f)]
-                             for s in start.tolist()])
+        sink = torch.tensor([self.block_sinks(s, frames) for s in start.tolist()])
         return frame_pos.to(device), sink.to(device)
+
+    def block_sinks(self, first: int, frames: int) -> list[int]:
+        """Training position of the reference for each block of a clip whose first frame is stream frame ``first``."""
+        f = self.frames_per_block
+        return [first + j * f + self.sink_offset(first + j * f) for j in range(frames // f)]
+
+    def check_context(self, context: int, frames: int) -> None:
+        """Raise if, for some training start, a block's sink would share a position with one of the ``context``
+        motion frames before the clip: every block sees them all, whatever its window (RAPR's cap can land
+        there)."""
+        for r in range(self.train_shift + 1):
+            clash = sorted(set(self.block_sinks(r + context, frames)) & set(range(r, r + context)))
+            if clash:
+                raise ValueError(
+                    f"model.rope.policy={self.policy}: with {context} motion frames before a clip of {frames} frames, "
+                    f"a block's sink sits at position {clash[0]}, on a motion frame every block attends to; "
+                    + (self._remedy() if self.policy != "rapr" else
+                       f"model.rope.max_distance ({self.max_distance}) must exceed "
+                       f"{frames - self.frames_per_block + context}, the last block's distance to the first "
+                       f"motion frame"))

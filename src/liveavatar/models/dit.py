@@ -4,7 +4,9 @@ block-causal mode.
 Token layout: a latent video ``[B, C, F, H, W]`` becomes ``F * h * w`` tokens (``h = H / patch_h``,
 ``w = W / patch_w``), frame-major. With ``reference="sink"`` the reference latent's tokens are prepended; they
 carry timestep 0, see only themselves, and are dropped from the output. Every frame has its own timestep, so
-``t`` may be ``[B]`` (one level for the clip) or ``[B, F]`` (Diffusion Forcing, streaming).
+``t`` may be ``[B]`` (one level for the clip) or ``[B, F]`` (Diffusion Forcing, streaming). Stage 1's motion
+frames (noisy frames just before the clip, each with its own timestep) follow the sink; they are context only,
+so they too are dropped from the output (see :mod:`liveavatar.models.layout` for who sees them).
 
 The forward is split into stages (:meth:`embed_video`, :meth:`time_modulation`, :meth:`embed_text`,
 :meth:`embed_audio`, blocks, :meth:`unpatchify`) so that the streaming engine reuses them with its own
@@ -301,6 +303,8 @@ class AvatarDiT(nn.Module):
         frame_pos: torch.Tensor | None = None,
         reference_pos: torch.Tensor | None = None,
         window_blocks: int | None = None,
+        motion: torch.Tensor | None = None,
+        motion_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Full-sequence forward (training, and the reference for the streaming engine).
 
@@ -312,11 +316,16 @@ class AvatarDiT(nn.Module):
                 (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or grouped ``[B, F, per_latent, layers, feat]``.
             causal: block-causal attention over blocks of ``frames_per_block`` latent frames.
             reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says).
-            frame_pos: ``[F]`` or ``[B, F]`` RoPE time positions of the frames (default ``0..F-1``).
+            frame_pos: ``[F]`` or ``[B, F]`` RoPE time positions of the frames (default ``K..K+F-1``: the stream
+                starts with the ``K`` motion frames, if any).
             reference_pos: RoPE time positions of the sink frames: ``[R]`` or ``[B, R]`` (default: the config's
                 ``reference_position`` and the frames after it), or ``[B, F / frames_per_block, R]`` to give each
                 block its own sink position (Rolling RoPE, RAPR; causal only).
             window_blocks: causal only: each block attends to at most this many earlier blocks.
+            motion: ``[B, C, K, H, W]`` noisy latents of the ``K`` frames before the clip (Stage 1's motion frames),
+                at positions ``frame_pos[..., 0] - K .. frame_pos[..., 0] - 1``. Every clip frame sees them (whatever
+                the window); they see the sink and each other, not the clip, and get no audio.
+            motion_t: ``[B]`` or ``[B, K]`` their timesteps (required with ``motion``).
         Returns:
             ``[B, out_dim, F, H, W]`` predicted velocity (float32).
         """
@@ -327,8 +336,20 @@ class AvatarDiT(nn.Module):
             t = t[:, None].expand(b, frames)
         if t.shape != (b, frames):
             raise ValueError(f"timesteps of shape {tuple(t.shape)} do not fit a batch of {b} clips of {frames} frames")
+        k = 0 if motion is None else motion.shape[2]
         if frame_pos is None:
-            frame_pos = torch.arange(frames, device=x.device)
+            frame_pos = torch.arange(k, k + frames, device=x.device)
+        if motion is not None:
+            if motion_t is None:
+                raise ValueError("motion frames need their timesteps (motion_t)")
+            motion_t = motion_t[:, None].expand(b, k) if motion_t.dim() == 1 else motion_t
+            if motion.shape[:2] != x.shape[:2] or motion.shape[3:] != x.shape[3:] or motion_t.shape != (b, k):
+                raise ValueError(f"motion frames {tuple(motion.shape)} with timesteps {tuple(motion_t.shape)} do not "
+                                 f"fit clips {tuple(x.shape)}")
+            # The motion frames continue the stream backwards from the clip's first frame.
+            before = frame_pos[..., :1] - k + torch.arange(k, device=frame_pos.device)
+            frame_pos = torch.cat([before, frame_pos], dim=-1)
+            x, t = torch.cat([motion.to(x.dtype), x], dim=2), torch.cat([motion_t.to(t.dtype), t], dim=1)
 
         tokens = self.embed_video(x, reference)
         sink_frames = 0
@@ -347,9 +368,10 @@ class AvatarDiT(nn.Module):
         e, e6 = self.time_modulation(t, audio_tokens)
         attention = sequence_attention(frame_pos.to(x.device), None if reference_pos is None else reference_pos.to(x.device),
                                        (h, w), cfg.head_dim, cfg.rope_theta, causal, cfg.frames_per_block,
-                                       window_blocks if causal else None)
-        out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, sink_frames * h * w)
-        out = self.head(out, e)[:, sink_frames * h * w :]
+                                       window_blocks if causal else None, k)
+        before_clip = (sink_frames + k) * h * w  # the sink's and the motion frames' tokens: no audio, no output
+        out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, before_clip)
+        out = self.head(out, e)[:, before_clip:]
         return self.unpatchify(out.float(), frames, (hh, ww))
 
     def num_parameters(self, base_only: bool = False) -> int:

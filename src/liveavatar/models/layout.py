@@ -1,4 +1,5 @@
-"""Who attends to whom, and at which RoPE positions, in a full-sequence forward of ``[sink frames | clip frames]``.
+"""Who attends to whom, and at which RoPE positions, in a full-sequence forward of
+``[sink frames | context frames | clip frames]``.
 
 The full-sequence forward is what training runs and what the streaming engine is checked against, so it
 expresses every streaming policy: a block-causal mask with a history window (a block sees the sink, itself and
@@ -7,6 +8,10 @@ RAPR). The sink's own computation does not depend on where it sits (it attends o
 internal offsets matter); only the rotation of its keys does. A per-block sink is therefore one set of sink
 tokens whose keys and values appear once per block, each copy rotated at that block's sink position and
 visible to that block alone.
+
+Context frames (Stage 1's motion frames) are noisy frames of the stream just before the clip that stand in for
+the streaming engine's noisy KV cache: every clip block sees all of them whatever its window, they see the sink
+(the first block's copy: they precede that block) and each other, and never the clip.
 """
 from __future__ import annotations
 
@@ -45,22 +50,23 @@ def _table(positions: torch.Tensor, h: int, w: int, head_dim: int, theta: float)
 
 def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, grid: tuple[int, int],
                        head_dim: int, theta: float, causal: bool, frames_per_block: int,
-                       window_blocks: int | None = None) -> SequenceAttention:
-    """Build the attention of a forward over ``R`` sink frames followed by ``F`` clip frames.
+                       window_blocks: int | None = None, context_frames: int = 0) -> SequenceAttention:
+    """Build the attention of a forward over ``R`` sink frames, ``K`` context frames and ``F`` clip frames.
 
     Args:
-        frame_pos: ``[F]`` or ``[B, F]`` time positions of the clip frames.
+        frame_pos: ``[K + F]`` or ``[B, K + F]`` time positions of the context frames, then the clip frames.
         sink_pos: None (no sink), ``[R]`` / ``[B, R]`` (one sink for every frame), or ``[B, F / frames_per_block, R]``
             (block ``j`` sees the sink at ``sink_pos[:, j]``; causal only).
         grid: token rows and columns of a frame.
-        causal: block-causal between blocks of ``frames_per_block`` frames (bidirectional inside a block); else
-            every clip frame sees every clip frame.
+        causal: block-causal between blocks of ``frames_per_block`` clip frames (bidirectional inside a block);
+            else every clip frame sees every clip frame.
         window_blocks: causal only: a block sees at most this many earlier blocks (None: all of them).
-    Sink frames see only the sink; every clip frame sees the sink.
+        context_frames: ``K``, the frames before the clip (see the module docstring).
+    Sink frames see only the sink; every clip frame sees the sink and the context.
     """
     h, w = grid
     device = frame_pos.device
-    frames = frame_pos.shape[-1]
+    frames = frame_pos.shape[-1] - context_frames
     per_block = sink_pos is not None and sink_pos.dim() == 3
     if per_block and not causal:
         raise ValueError("a sink position per block needs the block-causal mask")
@@ -70,7 +76,7 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
         frame_pos = frame_pos.expand(sink_pos.shape[0], -1)
     r = 0 if sink_pos is None else sink_pos.shape[-1]
     blocks = frames // frames_per_block if causal else 1
-    mask = _mask(frames, frames_per_block, r, per_block, causal, window_blocks, h * w, str(device))
+    mask = _mask(frames, frames_per_block, r, per_block, causal, window_blocks, h * w, str(device), context_frames)
 
     if r == 0:
         rope = _table(frame_pos, h, w, head_dim, theta)
@@ -83,15 +89,17 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
     k_pos = torch.cat([sink_pos.flatten(1).to(frame_pos), frame_pos], dim=-1)
     tokens = h * w
     sink_tokens = torch.arange(r * tokens, device=device)
-    key_index = torch.cat([sink_tokens.repeat(blocks), torch.arange(r * tokens, (r + frames) * tokens, device=device)])
+    rest = torch.arange(r * tokens, (r + context_frames + frames) * tokens, device=device)
+    key_index = torch.cat([sink_tokens.repeat(blocks), rest])
     return SequenceAttention(rope_q, _table(k_pos, h, w, head_dim, theta), key_index, mask)
 
 
 @functools.lru_cache(maxsize=32)
 def _mask(frames: int, frames_per_block: int, r: int, per_block: bool, causal: bool, window_blocks: int | None,
-          tokens: int, device: str) -> torch.Tensor | None:
+          tokens: int, device: str, context: int = 0) -> torch.Tensor | None:
     """Token-level ``[L, S]`` mask (None when everything sees everything). The pattern depends only on shapes,
-    so it is decided on the host and copied to the device once per shape."""
+    so it is decided on the host and copied to the device once per shape. Rows: sink, context, clip; columns:
+    the sink's copies, context, clip."""
     block = torch.arange(frames) // frames_per_block
     if causal:
         seen = block[:, None] >= block[None, :]
@@ -100,11 +108,15 @@ def _mask(frames: int, frames_per_block: int, r: int, per_block: bool, causal: b
     else:
         seen = torch.ones(frames, frames, dtype=torch.bool)
     copies = (frames // frames_per_block if per_block else 1) if r else 0
-    sink_rows = torch.zeros(r, copies * r + frames, dtype=torch.bool)
+    sink_rows = torch.zeros(r, copies * r + context + frames, dtype=torch.bool)
     sink_rows[:, :r] = True  # the sink sees (its first copy of) itself only
     owner = block if per_block else torch.zeros_like(block)
     frame_sink = (owner[:, None] == torch.arange(copies)[None]).repeat_interleave(r, dim=1)
-    visible = torch.cat([sink_rows, torch.cat([frame_sink, seen], dim=1)], dim=0)
+    context_sink = (torch.arange(copies) == 0).expand(context, copies).repeat_interleave(r, dim=1)
+    context_rows = torch.cat([context_sink, torch.ones(context, context, dtype=torch.bool),
+                              torch.zeros(context, frames, dtype=torch.bool)], dim=1)
+    clip_rows = torch.cat([frame_sink, torch.ones(frames, context, dtype=torch.bool), seen], dim=1)
+    visible = torch.cat([sink_rows, context_rows, clip_rows], dim=0)
     if visible.all():
         return None
     return visible.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)

@@ -6,6 +6,7 @@ Both give samples in one format (see :mod:`liveavatar.data.shards`)::
     reference [C, 1, h, w]        VAE latent of the reference image
     audio     [V, layers, feat]   audio encoder features, one row per video frame
     text      [text_len, text_dim] text embedding, zero-padded
+    motion    [C, K, h, w]        with data.motion_frames = K > 0 (toy only): the K latent frames before the clip
 """
 from __future__ import annotations
 
@@ -35,11 +36,17 @@ class ToyDataset(Dataset):
         dit: the model config (text and audio widths).
         resolution: ``(H, W)`` video size; space_factor: the patch VAE's factor; n_mels: audio feature bins.
         prompt: the (constant) caption, embedded once with the deterministic random text encoder.
+        motion_frames: ``K``: the clip is the last ``latent_frames`` frames of a ``K + latent_frames`` stream, and
+            the sample's ``motion`` holds the ``K`` before it.
     """
 
     def __init__(self, size: int, latent_frames: int, dit: DiTConfig, resolution=(32, 32), space_factor: int = 2,
-                 n_mels: int = 31, seed: int = 0, prompt: str = "a person talking to the camera", fps: int = 25):
+                 n_mels: int = 31, seed: int = 0, prompt: str = "a person talking to the camera", fps: int = 25,
+                 motion_frames: int = 0):
         self.size, self.frames, self.seed, self.fps = int(size), int(latent_frames), int(seed), fps
+        self.motion_frames = int(motion_frames)
+        if self.motion_frames < 0:
+            raise ValueError(f"data.motion_frames must not be negative, got {motion_frames}")
         self.resolution = tuple(int(v) for v in resolution)
         self.vae = PatchVAE(space_factor)
         self.audio = EnergyMelFeatures(n_mels=n_mels, fps=fps)
@@ -59,13 +66,20 @@ class ToyDataset(Dataset):
         return self.seed * 1_000_003 + index
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        clip = toy.make_clip(self.clip_seed(index), self.frames, size=self.resolution, fps=self.fps)
-        return {
-            "latents": self.vae.encode(clip.video[None])[0],
+        k = self.motion_frames
+        clip = toy.make_clip(self.clip_seed(index), k + self.frames, size=self.resolution, fps=self.fps)
+        latents = self.vae.encode(clip.video[None])[0]  # the patch VAE codes frames one by one, so split after
+        # Audio features of the whole stream, then the clip's rows: a frame's analysis window reaches back into
+        # the audio of the frame before, which a clip cut out of a stream has (and a clip of its own would not).
+        sample = {
+            "latents": latents[:, k:],
             "reference": self.vae.encode(clip.reference[None, :, None])[0],
-            "audio": self.audio(clip.wav, self.frames)[0],
+            "audio": self.audio(clip.wav, k + self.frames)[0, k:],
             "text": self.text,
         }
+        if k:
+            sample["motion"] = latents[:, :k]
+        return sample
 
 
 @dataclass
@@ -80,6 +94,7 @@ class DataSettings:
     size: int = 1_000_000           # toy: distinct clips
     seed: int = 0                   # toy: which clips
     prompt: str = "a person talking to the camera"
+    motion_frames: int = 0          # Stage 1: latent frames before each clip given as noisy context (toy only)
 
 
 class AvatarDataModule(L.LightningDataModule):
@@ -97,12 +112,16 @@ class AvatarDataModule(L.LightningDataModule):
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
                 raise ValueError("data=toy needs a model preset with the patch VAE and energy_mel audio (model=tiny)")
             return ToyDataset(s.size, s.latent_frames, self.dit, self.preset["resolution"], vae["space_factor"],
-                              enc["n_mels"], s.seed, s.prompt, int(self.preset["fps"]))
+                              enc["n_mels"], s.seed, s.prompt, int(self.preset["fps"]), s.motion_frames)
         if s.kind == "shards":
             from ..data.shards import ShardDataset
 
             if not s.path:
                 raise ValueError("data=shards needs data.path (a folder written by python -m liveavatar.data.preprocess)")
+            if s.motion_frames:
+                raise ValueError(f"data.motion_frames={s.motion_frames}: shards hold no motion frames (preprocessing "
+                                 f"does not store the latents before each window); train on them with "
+                                 f"data.motion_frames=0")
             dataset = ShardDataset(s.path)
             dataset.check(self.dit)
             return dataset

@@ -12,6 +12,11 @@ bidirectional with the reference at the model's ``reference_position``.
 
 Conditioning dropout (for classifier-free guidance): each clip independently loses its text (zeros), its
 audio (zero features) or both.
+
+Motion frames (Diffusion Forcing only, batches with ``motion``): the latent frames just before each clip enter
+as context, each noised independently with ``t ~ U[0, 1000]``; they stand in for the noisy history the engine
+streams from, and have no loss of their own. The teacher refuses them: it is the bidirectional Stage 0 model
+that Stage 1 starts from, with no stream to continue.
 """
 from __future__ import annotations
 
@@ -74,6 +79,23 @@ class FlowMatchingLoss:
         t = self.flow.sample_timesteps((batch, blocks), generator, c.timesteps, c.logit_mean, c.logit_std)
         return t.repeat_interleave(self.frames_per_block, dim=1).to(device)
 
+    def motion_levels(self, batch: int, frames: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Timesteps ``[B, K]`` of the motion frames: uniform in ``[0, 1000]``, independent per frame. Not through
+        the shifted table (nor ``loss.timesteps``): the history the engine streams from is anywhere from clean
+        to pure noise, and the shift would spend most draws near pure noise, where a frame carries no motion."""
+        return (torch.rand(batch, frames, generator=generator) * self.flow.num_train_timesteps).to(device)
+
+    def check_motion(self, motion_frames: int, frames: int) -> None:
+        """Raise (one line) if clips of ``frames`` latent frames cannot train with ``motion_frames`` before them:
+        the teacher takes none, and no block's sink may sit on a motion frame's position."""
+        if not motion_frames:
+            return
+        if not self.causal:
+            raise ValueError("motion frames (data.motion_frames > 0) are a Diffusion Forcing scaffold; the teacher "
+                             "stage does not take them")
+        if self.positions is not None:
+            self.positions.check_context(motion_frames, frames)
+
     def drop_conditions(self, text: torch.Tensor, audio: torch.Tensor | None, generator=None):
         """Zero each clip's text ``[B, L, D]`` and audio ``[B, V, ...]`` with the configured probabilities."""
         b = text.shape[0]
@@ -88,10 +110,14 @@ class FlowMatchingLoss:
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``model`` on ``batch`` (the sample format of :mod:`liveavatar.data`):
         ``latents [B, C, F, h, w]``, ``reference [B, C, 1, h, w]``, ``audio [B, V, layers, feat]``,
-        ``text [B, L, text_dim]``. Returns the scalar loss and per-batch statistics for logging."""
+        ``text [B, L, text_dim]``, optionally ``motion [B, C, K, h, w]``. Returns the scalar loss and per-batch
+        statistics for logging."""
         x0 = batch["latents"].float()
         b, _, frames = x0.shape[:3]
         device = x0.device
+        motion = batch.get("motion")
+        k = 0 if motion is None else motion.shape[2]
+        self.check_motion(k, frames)
         t = self.noise_levels(b, frames, device, generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device) if generator is not None \
             else torch.randn_like(x0)
@@ -101,9 +127,15 @@ class FlowMatchingLoss:
         dtype = next(model.parameters()).dtype
         placement = {}
         if self.causal and self.positions is not None:
-            frame_pos, sink_pos = self.positions.training_positions(b, frames, generator, device)
+            frame_pos, sink_pos = self.positions.training_positions(b, frames, generator, device, context=k)
             placement = dict(frame_pos=frame_pos, reference_pos=sink_pos[..., None],
                              window_blocks=self.positions.window_blocks)
+        if motion is not None:
+            motion = motion.float()
+            motion_t = self.motion_levels(b, k, device, generator)
+            motion_noise = torch.randn(motion.shape, generator=generator, dtype=motion.dtype).to(device) \
+                if generator is not None else torch.randn_like(motion)
+            placement.update(motion=self.flow.add_noise(motion, motion_noise, motion_t).to(dtype), motion_t=motion_t)
         v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
                   causal=self.causal, reference=batch.get("reference").to(dtype) if "reference" in batch else None,
                   **placement)

@@ -145,6 +145,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
                             OmegaConf.to_container(cfg.model, resolve=True))
     data.setup("fit")  # fail on unusable data before the trainer starts
+    if data.settings.motion_frames:
+        module.loss_fn.check_motion(data.settings.motion_frames, data.settings.latent_frames)
 
     clock = TrainClock()
     callbacks: list[Callback] = [clock, ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:07d}",
