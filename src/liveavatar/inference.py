@@ -156,6 +156,22 @@ def engine_settings(cfg: DictConfig) -> EngineSettings:
     )
 
 
+def audio_feature_blocks(cfg: DictConfig, extractor, wav, fps: float, dit: DiTConfig, video_frames: int) -> list:
+    """Per-block audio features ``[1, frames_per_block, per_latent, layers, feat]``: offline over the whole file, or
+    with ``audio_features.streaming=true`` causally, the file fed in chunks as a live input would arrive."""
+    opts = cfg.get("audio_features") or {}
+    if not opts.get("streaming", False):
+        features = extractor(wav, video_frames)
+        return split_into_blocks(features, dit.frames_per_block, dit.video_frames_per_latent)
+    lookback, chunk_s = float(opts.get("lookback_s", 2.0)), opts.get("chunk_s")
+    if lookback < 0:
+        raise UserError(f"audio_features.lookback_s={lookback}: must be >= 0")
+    if chunk_s is not None and float(chunk_s) * 16000 < 1:
+        raise UserError(f"audio_features.chunk_s={chunk_s}: must be at least one sample (1/16000 s)")
+    chunk = None if chunk_s is None else int(float(chunk_s) * 16000)
+    return stream_blocks(extractor, wav, fps, dit.frames_per_block, dit.video_frames_per_latent, lookback, chunk)
+
+
 @dataclass
 class Prepared:
     """Everything a run needs before the first block: model (None on a decode-only rank), VAE, reference latent
