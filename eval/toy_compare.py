@@ -16,7 +16,7 @@ from liveavatar.cli import check_group_choices, fail
 
 @hydra.main(config_path="../conf", config_name="toy_compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from liveavatar.metrics.toy_compare import CompareError, compare
+    from liveavatar.evaluation.toy_compare import CompareError, compare
 
     try:
         report = compare(cfg)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from liveavatar import media
 from liveavatar.data import toy
 from liveavatar.engine.stream import EngineSettings
-from liveavatar.metrics.toy_bench import ToyBenchSettings, run_toy_bench, stream_video
+from liveavatar.evaluation.toy_bench import ToyBenchSettings, run_toy_bench, stream_video
 from liveavatar.models import AvatarDiT, DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,7 +44,10 @@ __all__ = [
     "write_wav",
 ]
 
+# The package's two rates, defined here and nowhere else: audio is handled at 16 kHz (what wav2vec2 was trained
+# on), and videos run at 25 fps unless a preset (``model.fps``) or a file says otherwise.
 SAMPLE_RATE = 16000
+VIDEO_FPS = 25
 
 # AVColorSpace codes that swscale has coefficients for; 6 (SMPTE 170M) is the same matrix as 5 (BT.601).
 _SWS_COLORSPACES = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
@@ -360,7 +363,7 @@ class VideoWriter:
                 w.write(block)
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float = 25, audio: np.ndarray | torch.Tensor | None = None,
+    def __init__(self, path: str | os.PathLike, fps: float = VIDEO_FPS, audio: np.ndarray | torch.Tensor | None = None,
                  sample_rate: int = SAMPLE_RATE, frames_path: str | os.PathLike | None = None, crf: int = 18,
                  preset: str = "medium", audio_bitrate: int = 96000):
         self.path = Path(path)

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .. import media
+from ..components import SAMPLE_RATE, Components, UserError, frames_in, resolve_device
 from . import shards
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-SAMPLE_RATE = media.SAMPLE_RATE  # what the audio encoders expect
 REFERENCE_CHOICES = "first, last or a frame index >= 0"
 AUDIO_CONTEXTS = ("clip", "window")
 
@@ -230,7 +230,7 @@ class VideoEncoder:
             if not info["has_audio"]:
                 raise SkipVideo("no audio track")
             wav = media.read_audio(path, SAMPLE_RATE)
-            audio_frames = int(len(wav) * s.fps // SAMPLE_RATE)  # as infer.py counts them
+            audio_frames = frames_in(len(wav), s.fps)  # as infer.py counts them
             if audio_frames < window:
                 raise SkipVideo(f"too short: its audio covers {audio_frames} frames at {s.fps:g} fps, a sample needs {window}")
             clip_features = self.audio(wav, audio_frames) if s.audio_context == "clip" else None
@@ -406,37 +406,13 @@ def preprocess_folder(videos: str | os.PathLike, out: str | os.PathLike, encoder
 
 def build_encoders(cfg: DictConfig, device: torch.device) -> Encoders:
     """The VAE, audio and text encoders of the preset ``cfg.model`` (errors: ``UserError``)."""
-    from ..inference import UserError, load_audio_encoder
-    from ..models.audio import EnergyMelFeatures
-    from ..models.text import build_text_encoder
-    from ..models.vae import build_vae
-
-    try:
-        vae_kwargs = dict(OmegaConf.to_container(cfg.model.vae, resolve=True))
-        kind, path = vae_kwargs.pop("kind"), vae_kwargs.pop("path", None)
-        vae = build_vae(kind, path, **({"device": device} if kind == "wan" else vae_kwargs))
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"model.vae: {err}") from err
-    a = cfg.model.audio_encoder
-    # The weight-free features hop one video frame at a time: at the preset's frame rate, not the default 25 fps.
-    if a.kind == "energy_mel":
-        audio = EnergyMelFeatures(int(a.n_mels), fps=float(cfg.model.fps))
-    else:
-        audio = load_audio_encoder(cfg, device)
-    dit = cfg.model.dit
-    enc = cfg.model.text_encoder
-    try:
-        text = build_text_encoder(enc.kind, enc.path, int(dit.text_dim), int(dit.text_len), device, torch.float32)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.text_encoder: {err}") from err
-    return Encoders(vae, audio, text, str(kind), device)
+    parts = Components(cfg.model, device)
+    return Encoders(parts.vae, parts.audio_encoder, parts.text_encoder, str(cfg.model.vae.kind), device)
 
 
 def run(cfg: DictConfig) -> Result:
     """Preprocess ``cfg.videos`` into ``cfg.out`` with the preset ``cfg.model`` (see ``conf/preprocess.yaml``).
     Every user mistake becomes a one-line ``UserError``."""
-    from ..inference import UserError, resolve_device
-
     for key in ("videos", "out"):
         if not cfg.get(key):
             raise UserError(f"{key}: required (python -m liveavatar.data.preprocess videos=DIR out=DIR)")
@@ -486,8 +462,6 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF), config_name="preprocess", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
-        from ..inference import UserError
-
         try:
             result = run(cfg)
         except UserError as err:

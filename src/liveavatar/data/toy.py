@@ -1,8 +1,8 @@
 """The toy world: a procedural talking avatar whose renderer is known, so generated videos can be scored exactly.
 
-A clip is an identity (colours, face shape, size and position), speech-like audio at 16 kHz (voiced syllables
-with a pitch, formants and pauses), and a video at 25 fps whose mouth opening is a deterministic function of
-the audio loudness (:func:`audio_envelope`), with slow head drift and blinks. Everything is drawn from one
+A clip is an identity (colours, face shape, size and position), speech-like audio at :data:`SAMPLE_RATE` (voiced
+syllables with a pitch, formants and pauses), and a video at :data:`FPS` (or any other rate) whose mouth opening
+is a deterministic function of the audio loudness (:func:`audio_envelope`), with slow head drift and blinks. Everything is drawn from one
 seed, and a shorter clip of a seed is a prefix of a longer one (audio, envelope, head motion, blinks, video).
 
 Conventions: colours are in the video's ``[-1, 1]`` units; geometry is in image units (``y, x`` in
@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-FPS = 25
+from .. import media
+
+# The toy world's rates, read by the renderer here and by the metrics (liveavatar.metrics.toy): the package's own.
+SAMPLE_RATE = media.SAMPLE_RATE
+FPS = media.VIDEO_FPS
 
 # Loudness range mapped onto the mouth opening: quieter than FLOOR_DB is closed, louder than TOP_DB fully open.
 FLOOR_DB = -42.0

@@ -2,7 +2,8 @@
 turns those features into per-latent-frame audio tokens for the DiT.
 
 Feature contract shared by every encoder: ``[B, V, layers, feat]`` for ``V`` video frames at the video frame
-rate (25 fps), ``layers`` hidden states (wav2vec2: all of them; the toy extractor: 1).
+rate (the preset's ``model.fps``; :data:`VIDEO_FPS` by default), ``layers`` hidden states (wav2vec2: all of them;
+the toy extractor: 1). Waveforms are mono at :data:`SAMPLE_RATE`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLE_RATE = 16000
-VIDEO_FPS = 25
+from ..media import SAMPLE_RATE, VIDEO_FPS  # noqa: F401 (re-exported: the rates the encoders assume by default)
 
 
 def video_frames_for(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: float = VIDEO_FPS) -> int:

@@ -79,7 +79,7 @@ class StreamingAudioFeatures:
         return -(-frame * self.sample_rate * self.fps.denominator // self.fps.numerator)
 
     def frames_in(self, samples: int) -> int:
-        """Whole video frames that ``samples`` cover (as ``inference.prepare`` counts them)."""
+        """Whole video frames that ``samples`` cover (as :func:`liveavatar.components.frames_in` counts them)."""
         return samples * self.fps.numerator // (self.sample_rate * self.fps.denominator)
 
     def block_frames(self, block: int) -> tuple[int, int]:

@@ -11,20 +11,20 @@ Both give samples in one format (see :mod:`liveavatar.data.shards`)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..components import SAMPLE_RATE, Components, UserError, toy_preset
 from ..data import toy
-from ..models.audio import EnergyMelFeatures
 from ..models.config import DiTConfig
-from ..models.text import RandomTextEncoder
-from ..models.vae import PatchVAE
 
 
 class ToyDataset(Dataset):
-    """Clips of the procedural toy world, encoded with the patch VAE and the weight-free audio features.
+    """Clips of the procedural toy world, encoded with the preset's components (the patch VAE, the weight-free
+    audio features at the preset's frame rate, the text encoder), built by :mod:`liveavatar.components`.
 
     Clip ``i`` is ``toy.make_clip(seed * 1_000_003 + i, ...)``: deterministic, so a dataset is defined by its
     ``seed`` and ``size`` and nothing is stored. Different seeds give disjoint identities in practice (held-out
@@ -34,30 +34,34 @@ class ToyDataset(Dataset):
         size: number of distinct clips (an epoch).
         latent_frames: latent frames per sample (the patch VAE has no time compression: = video frames).
         dit: the model config (text and audio widths).
-        resolution: ``(H, W)`` video size; space_factor: the patch VAE's factor; n_mels: audio feature bins.
-        prompt: the (constant) caption, embedded once with the deterministic random text encoder.
+        preset: the model preset (``conf/model/*.yaml`` as a mapping: ``fps``, ``resolution``, ``vae``,
+            ``audio_encoder``, ``text_encoder``); None: :func:`liveavatar.components.toy_preset` (``model=tiny``'s).
+        prompt: the (constant) caption, embedded once.
         motion_frames: ``K``: the clip is the last ``latent_frames`` frames of a ``K + latent_frames`` stream, and
             the sample's ``motion`` holds the ``K`` before it.
     """
 
-    def __init__(self, size: int, latent_frames: int, dit: DiTConfig, resolution=(32, 32), space_factor: int = 2,
-                 n_mels: int = 31, seed: int = 0, prompt: str = "a person talking to the camera", fps: int = 25,
-                 motion_frames: int = 0):
-        self.size, self.frames, self.seed, self.fps = int(size), int(latent_frames), int(seed), fps
+    def __init__(self, size: int, latent_frames: int, dit: DiTConfig, preset: Mapping | None = None, seed: int = 0,
+                 prompt: str = "a person talking to the camera", motion_frames: int = 0):
+        self.size, self.frames, self.seed = int(size), int(latent_frames), int(seed)
         self.motion_frames = int(motion_frames)
         if self.motion_frames < 0:
             raise ValueError(f"data.motion_frames must not be negative, got {motion_frames}")
-        self.resolution = tuple(int(v) for v in resolution)
-        self.vae = PatchVAE(space_factor)
-        self.audio = EnergyMelFeatures(n_mels=n_mels, fps=fps)
+        # The text encoder follows the DiT being trained, whatever the preset's dit section says.
+        try:
+            parts = Components({**(preset or toy_preset(dit)), "dit": dit.to_dict()})
+            self.fps, self.resolution = parts.fps, parts.resolution
+            self.vae, self.audio, text_encoder = parts.vae, parts.audio_encoder, parts.text_encoder
+        except UserError as err:  # train.py reports data problems raised as ValueError in one line
+            raise ValueError(str(err)) from err
         if dit.has_audio and (self.audio.num_layers, self.audio.feature_dim) != (dit.audio_layers_in, dit.audio_feature_dim):
             raise ValueError(f"toy audio features are [{self.audio.num_layers}, {self.audio.feature_dim}] per frame; "
                              f"the model expects [{dit.audio_layers_in}, {dit.audio_feature_dim}] (model.audio_encoder.n_mels)")
         if self.vae.latent_channels != dit.in_dim:
             raise ValueError(f"toy latents have {self.vae.latent_channels} channels; the model's in_dim is {dit.in_dim}")
-        context, _ = RandomTextEncoder(dit.text_dim, dit.text_len)([prompt])
+        context, _ = text_encoder([prompt])
         self.text = torch.zeros(dit.text_len, dit.text_dim)
-        self.text[: context.shape[1]] = context[0]
+        self.text[: context.shape[1]] = context[0, : dit.text_len].cpu()
 
     def __len__(self) -> int:
         return self.size
@@ -67,7 +71,8 @@ class ToyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         k = self.motion_frames
-        clip = toy.make_clip(self.clip_seed(index), k + self.frames, size=self.resolution, fps=self.fps)
+        clip = toy.make_clip(self.clip_seed(index), k + self.frames, size=self.resolution, fps=self.fps,
+                             sample_rate=SAMPLE_RATE)
         latents = self.vae.encode(clip.video[None])[0]  # the patch VAE codes frames one by one, so split after
         # Audio features of the whole stream, then the clip's rows: a frame's analysis window reaches back into
         # the audio of the frame before, which a clip cut out of a stream has (and a clip of its own would not).
@@ -111,8 +116,7 @@ class AvatarDataModule(L.LightningDataModule):
             vae, enc = self.preset["vae"], self.preset["audio_encoder"]
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
                 raise ValueError("data=toy needs a model preset with the patch VAE and energy_mel audio (model=tiny)")
-            return ToyDataset(s.size, s.latent_frames, self.dit, self.preset["resolution"], vae["space_factor"],
-                              enc["n_mels"], s.seed, s.prompt, int(self.preset["fps"]), s.motion_frames)
+            return ToyDataset(s.size, s.latent_frames, self.dit, self.preset, s.seed, s.prompt, s.motion_frames)
         if s.kind == "shards":
             from ..data.shards import ShardDataset
 

@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .. import atomic, media
+from ..components import SAMPLE_RATE, UserError, preset_fps
 from ..data import toy
-from ..inference import engine_settings
+from ..metrics.toy import identity_error, score_video
 from ..models import AvatarDiT, DiTConfig
 from ..models.checkpoint import CheckpointError
-from .toy import identity_error, score_video
+from ..pipeline import engine_settings
 from .toy_bench import ClipResult, ToyBenchSettings, run_toy_bench, summarise
 
 SCORES = ("lip_sync", "identity_error", "identity_drift", "flicker")
@@ -27,10 +28,14 @@ def bench_settings(cfg: DictConfig) -> ToyBenchSettings:
     preset = cfg.model
     if preset.vae.kind != "patch" or preset.audio_encoder.kind != "energy_mel":
         raise CompareError(f"model={preset.name}: the toy world needs the patch VAE and energy_mel audio (model=tiny)")
+    try:
+        fps = preset_fps(preset)
+    except UserError as err:
+        raise CompareError(str(err)) from err
     return ToyBenchSettings(clips=int(cfg.clips), seconds=float(cfg.seconds), seed=int(cfg.seed),
                             resolution=tuple(int(v) for v in preset.resolution),
                             space_factor=int(preset.vae.space_factor), n_mels=int(preset.audio_encoder.n_mels),
-                            noise_seed=int(cfg.noise_seed))
+                            noise_seed=int(cfg.noise_seed), fps=fps)
 
 
 def load_models(cfg: DictConfig) -> tuple[AvatarDiT, AvatarDiT]:
@@ -48,16 +53,17 @@ def load_models(cfg: DictConfig) -> tuple[AvatarDiT, AvatarDiT]:
 
 def ground_truth(bench: ToyBenchSettings) -> list[ClipResult]:
     """The renderer's own clips, scored like the generated ones (the best a model can do)."""
-    frames = int(bench.seconds * toy.FPS)
     results = []
     for i in range(bench.clips):
-        clip = toy.make_clip(bench.seed + i, frames, size=tuple(bench.resolution))
-        results.append(ClipResult(bench.seed + i, score_video(clip.video, clip.reference, clip.wav).to_dict(),
+        clip = toy.make_clip(bench.seed + i, bench.frames, size=tuple(bench.resolution), fps=bench.fps,
+                             sample_rate=SAMPLE_RATE)
+        scores = score_video(clip.video, clip.reference, clip.wav, SAMPLE_RATE, bench.fps)
+        results.append(ClipResult(bench.seed + i, scores.to_dict(),
                                   [float(v) for v in identity_error(clip.video, clip.reference)]))
     return results
 
 
-def plot_identity(curves: dict[str, np.ndarray], out: Path) -> Path | None:
+def plot_identity(curves: dict[str, np.ndarray], out: Path, fps: float) -> Path | None:
     try:
         import matplotlib
 
@@ -67,7 +73,7 @@ def plot_identity(curves: dict[str, np.ndarray], out: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, curve in curves.items():
-        ax.plot(np.arange(len(curve)) / toy.FPS, curve, label=name, lw=1.2)
+        ax.plot(np.arange(len(curve)) / fps, curve, label=name, lw=1.2)
     ax.set_xlabel("seconds")
     ax.set_ylabel("identity error (mean over clips)")
     ax.set_title("identity error over time on held-out toy clips")
@@ -79,12 +85,13 @@ def plot_identity(curves: dict[str, np.ndarray], out: Path) -> Path | None:
     return out
 
 
-def write_video(path: Path, video: torch.Tensor, reference: torch.Tensor, wav: np.ndarray, scale: int) -> None:
+def write_video(path: Path, video: torch.Tensor, reference: torch.Tensor, wav: np.ndarray, scale: int,
+                fps: float) -> None:
     """The reference (left) next to the generated frames (right), enlarged ``scale`` times, with the audio."""
     t = video.shape[1]
     side = torch.cat([reference[:, None].expand(-1, t, -1, -1), video], dim=3)  # [3, T, H, 2W]
     big = side.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    with media.VideoWriter(path, fps=toy.FPS, audio=wav, sample_rate=toy.SAMPLE_RATE) as writer:
+    with media.VideoWriter(path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer:
         writer.write(big.transpose(0, 1))
 
 
@@ -113,16 +120,20 @@ def compare(cfg: DictConfig) -> str:
     results: dict[str, list[ClipResult]] = {}
     with tqdm(total=2 * bench.clips, unit="clip", desc="streaming") as bar:
         for name, model in (("trained", trained), ("untrained", untrained)):
-            results[name] = run_toy_bench(model, settings, bench, keep_videos=name == "trained",
-                                          progress=lambda done, total: bar.update(1))
+            try:
+                results[name] = run_toy_bench(model, settings, bench, keep_videos=name == "trained",
+                                              progress=lambda done, total: bar.update(1))
+            except UserError as err:  # a preset or engine setting the streaming refuses
+                raise CompareError(str(err)) from err
     results["ground_truth"] = ground_truth(bench)
     summary = {name: summarise(r) for name, r in results.items()}
 
     curves = {name: np.mean([r.identity_per_frame for r in rs], axis=0) for name, rs in results.items()}
-    plot = plot_identity(curves, out / "identity_error.png")
+    plot = plot_identity(curves, out / "identity_error.png", bench.fps)
     first = results["trained"][0]
-    clip = toy.make_clip(first.seed, first.video.shape[1], size=tuple(bench.resolution))
-    write_video(out / "demo.mp4", first.video, clip.reference, first.wav, int(cfg.video_scale))
+    clip = toy.make_clip(first.seed, first.video.shape[1], size=tuple(bench.resolution), fps=bench.fps,
+                         sample_rate=SAMPLE_RATE)
+    write_video(out / "demo.mp4", first.video, clip.reference, first.wav, int(cfg.video_scale), bench.fps)
 
     report = {
         **summary,
