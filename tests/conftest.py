@@ -55,3 +55,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     randomise(AvatarDiT(tiny_preset()), std=0.05, seed=1).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def autograd_stays_on():
+    """Library entry points (inference, preprocessing, evaluation) run without gradients inside their own call;
+    none may switch autograd off for the whole process (the training code run after them would silently get no
+    gradients)."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd switched off for the whole process")

@@ -42,7 +42,6 @@ def sequential_frames(tmp_path_factory, tiny_checkpoint):
                                         f"audio={ROOT}/data/example/speech.wav", f"checkpoint={tiny_checkpoint}",
                                         f"output.path={path}", "output.frames=true", "engine=sequential",
                                         *overrides])
-            grad = torch.is_grad_enabled()  # inference turns autograd off for the whole process
             # One thread, as every TPP rank runs (engine.threads_per_rank): CPU kernels split reductions by thread
             # count, and the comparison is exact.
             threads = torch.get_num_threads()
@@ -50,7 +49,6 @@ def sequential_frames(tmp_path_factory, tiny_checkpoint):
             try:
                 run(cfg)
             finally:
-                torch.set_grad_enabled(grad)
                 torch.set_num_threads(threads)
             ran[overrides] = np.load(path.with_suffix(".frames.npy"))
         return ran[overrides]

@@ -84,11 +84,11 @@ class Prepared:
         return (self.reference.shape[1], self.reference.shape[3], self.reference.shape[4])
 
 
+@torch.no_grad()
 def prepare(cfg: DictConfig, with_model: bool = True, device: torch.device | None = None) -> Prepared:
     """Load the parts ``cfg`` names and read the inputs (for a TPP rank); every problem becomes a
     :class:`UserError`."""
     device, dtype = device or resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    torch.set_grad_enabled(False)
     try:
         settings = engine_settings(cfg)
     except ValueError as err:
@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> RunReport | None:
     return write_video(cfg, stream, stream.fps, stream.audio, stream.blocks)
 
 
+@torch.no_grad()
 def run_tpp(cfg: DictConfig) -> RunReport | None:
     """This rank's part of a TPP run (launched by torchrun; see :mod:`liveavatar.engine.tpp`)."""
     import torch.distributed as dist

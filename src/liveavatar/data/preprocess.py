@@ -410,6 +410,7 @@ def build_encoders(cfg: DictConfig, device: torch.device) -> Encoders:
     return Encoders(parts.vae, parts.audio_encoder, parts.text_encoder, str(cfg.model.vae.kind), device)
 
 
+@torch.no_grad()
 def run(cfg: DictConfig) -> Result:
     """Preprocess ``cfg.videos`` into ``cfg.out`` with the preset ``cfg.model`` (see ``conf/preprocess.yaml``).
     Every user mistake becomes a one-line ``UserError``."""
@@ -429,7 +430,6 @@ def run(cfg: DictConfig) -> Result:
     if settings.latent_frames % fpb:  # known before loading anything; the rest is checked once the models are
         raise UserError(f"data.clip_latent_frames={settings.latent_frames}: not a multiple of "
                         f"model.dit.frames_per_block {fpb}")
-    torch.set_grad_enabled(False)
 
     def load() -> Encoders:
         encoders = build_encoders(cfg, device)

@@ -102,6 +102,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def compare(cfg: DictConfig) -> str:
     """Run the comparison ``cfg`` describes; write the report files; return the printed table."""
     bench = bench_settings(cfg)
@@ -115,7 +116,6 @@ def compare(cfg: DictConfig) -> str:
                            f"(this one: {trained.config.reference}); pass engine.sink=none")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
 
     results: dict[str, list[ClipResult]] = {}
     with tqdm(total=2 * bench.clips, unit="clip", desc="streaming") as bar:
