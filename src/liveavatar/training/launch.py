@@ -1,5 +1,6 @@
 """``train.py``'s orchestration: check the run folder, build the module, data, loggers, callbacks and trainer
 from the config, fit (resuming when the folder holds this run), then export the weights in the Wan2.1 layout.
+:func:`fit` is that life cycle for any stage (``distill.py`` uses it too); :func:`train` is Stages 0 and 1.
 """
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -134,6 +135,26 @@ def route_lightning_logs() -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or continue) the training ``cfg`` describes in ``run_dir``; return the figures of ``done.json``."""
+
+    def setup():
+        module = build_module(cfg)
+        data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
+                                OmegaConf.to_container(cfg.model, resolve=True))
+        data.setup("fit")  # fail on unusable data before the trainer starts
+        if data.settings.motion_frames:
+            module.loss_fn.check_motion(data.settings.motion_frames, data.settings.latent_frames)
+        return module, data
+
+    return fit(cfg, run_dir, setup, stage=cfg.stage)
+
+
+def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningModule, L.LightningDataModule]],
+        stage: str, loss_key: str = "train/loss") -> dict:
+    """The run-folder life cycle every stage shares: check the folder against ``cfg`` (resume, refuse, overwrite),
+    seed, build the module and data (``setup``, after the folder check), fit with the loggers, the periodic
+    atomic checkpoint and the kill drill, then write the last checkpoint, the exported ``model/``, the loss plot
+    of ``loss_key`` and ``done.json``. ``cfg`` needs ``seed``, ``run.*``, ``trainer.*``, ``logger`` and
+    ``progress``; the module needs ``model`` (counted) and ``export()``."""
     route_lightning_logs()
     run = RunFolder(run_dir)
     resume_from = run.prepare(cfg, resume=bool(cfg.run.resume), overwrite=bool(cfg.run.overwrite))
@@ -141,13 +162,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from:
         log.info("resuming %s from %s", run.path, resume_from)
 
-    module = build_module(cfg)
-    data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
-                            OmegaConf.to_container(cfg.model, resolve=True))
-    data.setup("fit")  # fail on unusable data before the trainer starts
-    if data.settings.motion_frames:
-        module.loss_fn.check_motion(data.settings.motion_frames, data.settings.latent_frames)
-
+    module, data = setup()
     clock = TrainClock()
     callbacks: list[Callback] = [clock, ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:07d}",
                                                         every_n_train_steps=int(cfg.run.checkpoint_every),
@@ -162,11 +177,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     trainer.save_checkpoint(run.last_checkpoint)
 
-    done = {"stage": cfg.stage, "steps": int(trainer.global_step), "train_seconds": round(clock.total, 1),
-            "final_loss": _metric(trainer, "train/loss"), "parameters": sum(p.numel() for p in module.model.parameters())}
+    done = {"stage": stage, "steps": int(trainer.global_step), "train_seconds": round(clock.total, 1),
+            "final_loss": _metric(trainer, loss_key), "parameters": sum(p.numel() for p in module.model.parameters())}
     if trainer.is_global_zero:
         module.export().save_pretrained(run.model)
-        plot_loss(run.logs / "csv", run.path / "loss.png")
+        plot_loss(run.logs / "csv", run.path / "loss.png", loss_key)
         atomic.write_json(run.done, done)
     return done
 
@@ -176,22 +191,22 @@ def _metric(trainer: L.Trainer, key: str) -> float | None:
     return round(float(value), 5) if isinstance(value, torch.Tensor) else None
 
 
-def read_losses(csv_root: Path) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` logged by the CSV logger over every launch of a run (later launches win)."""
+def read_losses(csv_root: Path, key: str = "train/loss") -> tuple[list[int], list[float]]:
+    """``(steps, losses)`` of ``key`` logged by the CSV logger over every launch of a run (later launches win)."""
     import csv
 
     by_step: dict[int, float] = {}
     for metrics in sorted(csv_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
         with metrics.open() as f:
             for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    by_step[int(row["step"])] = float(row["train/loss"])
+                if row.get(key):
+                    by_step[int(row["step"])] = float(row[key])
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
 
-def plot_loss(csv_root: Path, out: Path) -> Path | None:
-    """Plot the training loss curve to ``out`` (PNG); skipped when matplotlib or the CSV log is absent."""
+def plot_loss(csv_root: Path, out: Path, key: str = "train/loss") -> Path | None:
+    """Plot the training loss ``key`` to ``out`` (PNG); skipped when matplotlib or the CSV log is absent."""
     try:
         import matplotlib
 
@@ -199,13 +214,13 @@ def plot_loss(csv_root: Path, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    steps, losses = read_losses(csv_root)
+    steps, losses = read_losses(csv_root, key)
     if not steps:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("flow-matching loss")
+    ax.set_ylabel(key.removeprefix("train/").replace("_", " "))
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()

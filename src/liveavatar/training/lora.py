@@ -38,9 +38,13 @@ def _require_peft():
     return peft
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "default",
+               train_additions: bool = True) -> nn.Module:
     """Insert LoRA adapters in place (peft ``inject_adapter_in_model``); freeze the base weights, keep the
-    adapters and this project's additions trainable. Returns ``model``."""
+    adapters (and, with ``train_additions``, this project's additions) trainable. Returns ``model``.
+
+    ``train_additions=False`` is for a base that another role reads unadapted (Stage 2's critic shares the
+    teacher's weights): training the additions in full would change that role too."""
     peft = _require_peft()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
              any(n.endswith(t) for t in settings.targets) and not is_addition(n)]
@@ -48,9 +52,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         raise ValueError(f"lora.targets={list(settings.targets)} match no linear layer of the model")
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                              lora_dropout=settings.dropout, target_modules=names)
-    peft.inject_adapter_in_model(config, model)
+    peft.inject_adapter_in_model(config, model, adapter_name=adapter_name)
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name or is_addition(name))
+        param.requires_grad_("lora_" in name or (train_additions and is_addition(name)))
     return model
 
 

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.max_time", "trainer.log_every
 
 
 # What Hydra writes into the run folder before the run starts (its log file), not a sign of another run.
-HYDRA_FILES = (".hydra", "train.log")
+HYDRA_FILES = (".hydra", "train.log", "distill.log")
 
 
 class RunFolderError(ValueError):

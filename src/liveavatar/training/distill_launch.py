@@ -1,0 +1,85 @@
+"""``distill.py``'s orchestration: check the config, build the :class:`DMDModule` and the data, and run them through
+the run-folder life cycle of :func:`~liveavatar.training.launch.fit` (resume, refusal, checkpoints, kill drill,
+export of the generator, ``done.json``)."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .datamodule import AvatarDataModule, DataSettings
+from .dmd import DMDModule
+from .launch import fit
+
+# Fault drill: ``role:step`` (``critic:3``, ``generator:0``) makes that role's loss NaN at that generator step.
+NAN_ENV = "LIVEAVATAR_DISTILL_NAN_AT"
+
+
+def parse_drill(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    role, _, step = value.partition(":")
+    if role not in ("generator", "critic") or not step.isdigit():
+        raise ValueError(f"{NAN_ENV}={value!r}: expected generator:STEP or critic:STEP")
+    return role, int(step)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse, in one line, trainer settings that two manually stepped optimizers cannot use."""
+    t = cfg.trainer
+    strategy = t.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else strategy.get("name")
+    if name == "deepspeed":
+        raise ValueError("trainer=deepspeed_*: Lightning's DeepSpeed strategy takes a single optimizer and "
+                         "distillation steps two (generator and critic); use trainer=fsdp for several GPUs")
+    if name == "ddp":
+        raise ValueError("trainer.strategy=ddp: distillation runs several backward passes per step, which DDP's "
+                         "gradient hooks do not allow; use trainer=fsdp for several GPUs (or strategy=auto)")
+    if t.get("gradient_clip_val") is not None:
+        raise ValueError("trainer.gradient_clip_val: distillation clips each role itself; set optim.clip_grad_norm "
+                         "and leave trainer.gradient_clip_val=null")
+    if int(t.get("accumulate_grad_batches", 1)) != 1:
+        raise ValueError("trainer.accumulate_grad_batches must be 1 for distillation (manual optimization); "
+                         "grow data.batch_size, or use distill.blockwise=true to save memory")
+    if str(t.get("precision")).startswith("16"):
+        raise ValueError(f"trainer.precision={t.precision}: float16 needs loss scaling, which the two manually "
+                         "stepped optimizers do not do; use bf16-mixed, bf16-true or 32-true")
+    if name == "fsdp" and cfg.distill.ema_decay is not None:
+        raise ValueError("distill.ema_decay with trainer=fsdp: the EMA keeps unsharded copies of the generator's "
+                         "trained weights and is not implemented for sharded ones; set distill.ema_decay=null")
+
+
+def build_dmd_module(cfg: DictConfig) -> DMDModule:
+    model = {
+        "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
+        "window_blocks": int(cfg.model.get("window_blocks", 3)),
+        "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
+    }
+    container = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else {}  # noqa: E731
+    return DMDModule(model, cfg.generator_from, cfg.teacher_from, container("distill"), container("loss"),
+                     container("optim"), container("lora"), bool(cfg.memory.gradient_checkpointing), int(cfg.seed),
+                     drill=parse_drill(os.environ.get(NAN_ENV)))
+
+
+def distill(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or continue) the distillation ``cfg`` describes in ``run_dir``; return the figures of ``done.json``."""
+    check_trainer(cfg)
+    # Lightning's notes on what is deliberate here: the frozen teacher is in eval mode, and checkpoints hold the
+    # weights after each optimizer step.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    module = build_dmd_module(cfg)  # config errors surface before the run folder is touched
+    f = module.dit_config.frames_per_block
+    if cfg.data.kind == "toy" and int(cfg.data.latent_frames) % f:
+        raise ValueError(f"data.latent_frames={cfg.data.latent_frames}: the rollout needs whole blocks of "
+                         f"{f} latent frames (model.dit.frames_per_block)")
+
+    def setup():
+        data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
+                                OmegaConf.to_container(cfg.model, resolve=True))
+        data.setup("fit")
+        return module, data
+
+    return fit(cfg, run_dir, setup, stage="dmd", loss_key="train/generator_loss")

@@ -1,0 +1,153 @@
+"""Stage 2's losses: Distribution Matching Distillation (DMD) for the generator and the flow-matching loss of the
+critic (the "fake score").
+
+Both score models are bidirectional full-sequence forwards of :class:`~liveavatar.models.dit.AvatarDiT` over the
+whole rolled-out clip, conditioned on the clip's reference, audio and text.
+
+- The **real score** is the frozen teacher with classifier-free guidance: ``real = cond + g (cond - uncond)``,
+  where ``uncond`` zeroes the text and the audio (what the Stage 0/1 condition dropout trained; the reference is
+  kept). Guidance is applied to the clean estimates ``x0``; ``x0 = x_t - sigma v`` is affine in ``v``, so this is
+  the same as guiding the velocity.
+- The **fake score** (critic) is unguided.
+- DMD gradient: the generated video ``x`` is re-noised to one timestep per clip, and
+  ``grad = (fake_x0 - real_x0) / mean_{C,F,H,W} |x - real_x0|`` (per clip, non-finite values zeroed). The
+  generator's loss ``0.5 * mean((x - (x - grad).detach())^2)``, in float64, has the gradient ``grad / numel``
+  with respect to ``x``: the generator is pushed from where the critic thinks its samples are toward where the
+  teacher thinks real data is.
+- The critic learns the generator's distribution with the flow-matching loss on detached generator samples.
+
+Timesteps of both losses: a uniform unshifted level in ``[min_t, max_t]`` mapped through the shifted table, so
+neither score is queried at pure noise or at the clean end, where the difference carries no signal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion.flow import FlowSchedule
+from ..models.dit import AvatarDiT
+
+
+@dataclass
+class DMDLossConfig:
+    """``loss.*`` keys of ``conf/distill.yaml``."""
+
+    guidance_scale: float = 3.0     # classifier-free guidance of the real score (0: the conditional score)
+    shift: float = 5.0              # shift of the schedule the DMD and critic timesteps are drawn from
+    min_t: int = 20                 # unshifted range of those timesteps (of 1000)
+    max_t: int = 980
+
+    def __post_init__(self):
+        if not 0 <= self.min_t <= self.max_t < 1000:
+            raise ValueError(f"loss.min_t and loss.max_t must satisfy 0 <= min_t <= max_t < 1000, "
+                             f"got {self.min_t} and {self.max_t}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"loss.guidance_scale must not be negative, got {self.guidance_scale}")
+
+
+@dataclass
+class Conditions:
+    """A batch's conditioning: ``text [B, L, text_dim]``, ``audio`` grouped by latent frame
+    ``[B, F, per_latent, layers, feat]`` (or None), ``reference [B, C, 1, H, W]`` (or None)."""
+
+    text: torch.Tensor
+    audio: torch.Tensor | None
+    reference: torch.Tensor | None
+
+    def unconditional(self) -> "Conditions":
+        """Text and audio zeroed, the reference kept: the dropped-out input of Stage 0/1."""
+        audio = None if self.audio is None else torch.zeros_like(self.audio)
+        return Conditions(torch.zeros_like(self.text), audio, self.reference)
+
+    @staticmethod
+    def cat(a: "Conditions", b: "Conditions") -> "Conditions":
+        """Both along the batch (one forward for the conditional and unconditional halves)."""
+        audio = None if a.audio is None else torch.cat([a.audio, b.audio])
+        reference = None if a.reference is None else torch.cat([a.reference, b.reference])
+        return Conditions(torch.cat([a.text, b.text]), audio, reference)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """``(fake_x0 - real_x0) / mean |x - real_x0|`` with the mean per clip over ``C, F, H, W``; all ``[B, C, F, H, W]``.
+    float64; non-finite entries (a zero normaliser) become 0."""
+    x, real, fake = x.double(), real_x0.double(), fake_x0.double()
+    normaliser = (x - real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.nan_to_num((fake - real) / normaliser, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dmd_generator_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 * MSE(x, (x - grad).detach())`` in float64: a scalar whose gradient with respect to ``x`` is
+    ``grad / x.numel()``."""
+    x = x.double()
+    return 0.5 * F.mse_loss(x, (x - grad.double()).detach(), reduction="mean")
+
+
+class DMDLoss:
+    """The scores and losses of a DMD step, on models passed in (the module owns them).
+
+    Args:
+        config: the ``loss.*`` settings.
+    """
+
+    def __init__(self, config: DMDLossConfig):
+        self.config = config
+        self.flow = FlowSchedule(config.shift)
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
+        """One timestep per clip ``[B]``: an unshifted level drawn uniformly in ``[min_t, max_t]``, shifted."""
+        c, T = self.config, self.flow.num_train_timesteps
+        level = torch.randint(c.min_t, c.max_t + 1, (batch,), generator=generator)
+        return self.flow.timesteps[(T - level).clamp(0, T - 1)].float().to(device)
+
+    @staticmethod
+    def velocity(model: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """Bidirectional full-sequence velocity ``[B, C, F, H, W]`` (float32) of ``model`` at ``xt``, ``t [B]``."""
+        dtype = next(model.parameters()).dtype
+        audio = None if cond.audio is None or model.audio_proj is None else cond.audio.to(dtype)
+        reference = None if cond.reference is None else cond.reference.to(dtype)
+        return model(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=False, reference=reference)
+
+    def real_x0(self, teacher: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """The teacher's guided clean estimate ``cond + g (cond - uncond)`` ``[B, C, F, H, W]`` (float32); one
+        forward over the conditional and unconditional halves together."""
+        g = self.config.guidance_scale
+        if g == 0:
+            return self.flow.x0_from_velocity(at_least_float32(xt), self.velocity(teacher, xt, t, cond), t)
+        both = Conditions.cat(cond, cond.unconditional())
+        v = self.velocity(teacher, torch.cat([xt, xt]), torch.cat([t, t]), both)
+        x0 = self.flow.x0_from_velocity(at_least_float32(torch.cat([xt, xt])), v, torch.cat([t, t]))
+        x0_cond, x0_uncond = x0.chunk(2)
+        return x0_cond + g * (x0_cond - x0_uncond)
+
+    def fake_x0(self, critic: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """The critic's unguided clean estimate ``[B, C, F, H, W]`` (float32)."""
+        return self.flow.x0_from_velocity(at_least_float32(xt), self.velocity(critic, xt, t, cond), t)
+
+    @torch.no_grad()
+    def gradient(self, teacher: AvatarDiT, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
+                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DMD gradient ``[B, C, F, H, W]`` (float64) at the generated video ``x`` (detached here), re-noised at
+        one drawn timestep per clip, and statistics for logging."""
+        x = x.detach()
+        t = self.sample_timesteps(x.shape[0], generator, x.device)
+        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        xt = self.flow.add_noise(x, noise, t)
+        real = self.real_x0(teacher, xt, t, cond)
+        fake = self.fake_x0(critic, xt, t, cond)
+        return dmd_gradient(x, real, fake), {"dmd_t": t.mean(), "real_fake_gap": (real - fake).abs().mean()}
+
+    def critic_loss(self, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
+                    generator: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of the critic on generated clips ``x`` ``[B, C, F, H, W]`` (detached here): predict
+        ``noise - x`` from ``x`` noised at one drawn timestep per clip. A scalar (float32 at least)."""
+        x = at_least_float32(x.detach())
+        t = self.sample_timesteps(x.shape[0], generator, x.device)
+        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        v = self.velocity(critic, self.flow.add_noise(x, noise, t), t, cond)
+        return F.mse_loss(v.to(x.dtype), self.flow.velocity_target(x, noise))
