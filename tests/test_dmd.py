@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from liveavatar.components import toy_preset
 from liveavatar.models import AvatarDiT
 from liveavatar.training.datamodule import ToyDataset, collate
 from liveavatar.training.distill_launch import build_dmd_module, check_trainer, distill
@@ -151,7 +152,7 @@ def toy_module(*overrides, dtype=torch.float32, randomised=True):
         if m is not None and randomised:
             randomise(m, std=0.05, seed=i + 1)
     module.to(dtype)
-    data = ToyDataset(10, 6, module.dit_config, resolution=(16, 16))
+    data = ToyDataset(10, 6, module.dit_config, preset=toy_preset(module.dit_config, resolution=(16, 16)))
     batch = collate([data[i] for i in range(2)])
     return module, {k: v.to(dtype) for k, v in batch.items()}
 
