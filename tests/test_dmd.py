@@ -241,6 +241,7 @@ def test_a_nan_in_the_critic_loss_exits_with_one_line_and_no_new_checkpoint(tmp_
     assert not (run / "model").exists()
 
 
+@pytest.mark.slow
 def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, checkpoints):
     run = tmp_path / "run"
     args = [*SMALL, *sources(checkpoints), "trainer.max_steps=4", "run.checkpoint_every=2", f"run.dir={run}"]

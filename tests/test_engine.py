@@ -260,6 +260,7 @@ def test_absolute_positions_grow_but_the_table_cache_stays_bounded():
     assert len(core.rope._tables) <= core.rope.capacity and len(core.rope._frames) <= 4 * core.rope.capacity
 
 
+@pytest.mark.slow
 def test_long_stream_keeps_constant_memory_and_finite_output():
     """2,000+ latent frames on the tiny preset: finite output, and the cache never reallocates or grows."""
     from omegaconf import OmegaConf

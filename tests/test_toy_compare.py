@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -71,6 +72,7 @@ def test_compare_errors_are_one_line(tmp_path):
     assert result.stderr.strip().startswith("error: checkpoint=") and "not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_briefly_trained_model_beats_the_untrained_one_on_identity(tmp_path):
     """The small, fast version of the demo: Diffusion Forcing from scratch for a few dozen steps already moves
     the streamed identity error far below the untrained model's."""

@@ -127,6 +127,7 @@ def test_toy_dataset_is_deterministic_and_fits_the_model():
 
 
 # -------------------------------------------------------------------------------------------- train runs
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path):
     cfg = compose_train("experiment=toy_teacher", "data.batch_size=4", "data.latent_frames=3",
                         "trainer.max_steps=60", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
