@@ -15,8 +15,8 @@ the block (``distill.history``):
   557), is re-forwarded to write the cache.
 
 Block-wise gradient accumulation (Live Avatar's Algorithm 2): :meth:`SelfForcingRollout.run` with
-``keep_graph=False`` rolls out every block without gradient and records, per block, its exit-step input and a
-snapshot of the cache it attended to; :meth:`SelfForcingRollout.backward_blockwise` then re-runs one block at a
+``keep_graph=False`` rolls out every block without gradient and records, per block, its exit-step input, the sink it
+saw and the keys and values it added to the cache; :meth:`SelfForcingRollout.backward_blockwise` then re-runs one block at a
 time, with gradient, against the cache it saw (rebuilt from the sink and what each earlier block in the window
 added) and back-propagates that block's share of the loss gradient. The history is detached, so the sum equals the
 one-shot gradient, while only one block's activations are alive at a time; what is stored per block is its input
