@@ -19,12 +19,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-# The toy world end to end on the CPU: teacher (Stage 0) -> Diffusion Forcing (Stage 1) -> streaming -> report.
-# Each step resumes or skips what an earlier `make demo` finished.
+# The toy world end to end on the CPU: teacher (Stage 0) -> Diffusion Forcing (Stage 1) -> Self-Forcing DMD
+# (Stage 2) -> streaming -> report. Each step resumes or skips what an earlier `make demo` finished.
 demo: $(STAMP)
 	$(PY) train.py experiment=toy_teacher
 	$(PY) train.py experiment=toy_df
-	$(PY) eval/toy_compare.py checkpoint=outputs/train/toy_df/model out=outputs/demo
+	$(PY) distill.py experiment=toy_dmd
+	$(PY) eval/toy_compare.py checkpoint=outputs/train/toy_df/model dmd_checkpoint=outputs/distill/toy_dmd/model out=outputs/demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -64,6 +64,39 @@ def test_compare_writes_report_plot_and_video(tmp_path):
     assert "lip_sync" in result.stdout and "ground_truth" in result.stdout
 
 
+def test_compare_adds_the_distilled_student_and_the_few_step_stage1_rows(tmp_path):
+    """With dmd_checkpoint: a "dmd" row (the student at dmd_denoise's steps) and a "trained_<n>step" row (the
+    Stage 1 model at those steps), each equal to streaming that model with those steps directly."""
+    trained, student = tiny_toy_model(), tiny_toy_model()
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero output heads: a fresh model's velocity is exactly zero
+        for model in (trained, student):
+            for q in model.parameters():
+                q.add_(0.05 * torch.randn_like(q))
+    trained.save_pretrained(tmp_path / "stage1")
+    student.save_pretrained(tmp_path / "stage2")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "eval" / "toy_compare.py"), f"checkpoint={tmp_path / 'stage1'}", f"out={out}",
+         f"dmd_checkpoint={tmp_path / 'stage2'}", "clips=1", "seconds=0.6", "denoise.steps=[1000,750,500]",
+         "dmd_denoise.steps=[1000]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["forwards_per_block"] == {"trained": 3, "untrained": 3, "dmd": 1, "trained_1step": 1}
+    bench = ToyBenchSettings(clips=1, seconds=0.6, seed=987654321)
+    engine = EngineSettings(steps=[1000.0], shift=1.0, sink="none", history="timestep_forced", window_blocks=2)
+    with torch.no_grad():
+        for name, model in (("dmd", student), ("trained_1step", trained)):
+            direct = run_toy_bench(model, engine, bench)[0].scores
+            assert report[name] == pytest.approx(direct, rel=1e-5), name
+    assert report["dmd"] != report["trained_1step"] and report["trained_1step"] != report["trained"]
+    gap = report["dmd_vs_trained"]
+    assert gap["identity_error"] == pytest.approx(
+        report["dmd"]["identity_error"] / report["trained"]["identity_error"] - 1)
+    assert "dmd behind trained" in result.stdout
+
+
 def test_compare_errors_are_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "eval" / "toy_compare.py"), f"checkpoint={tmp_path / 'none'}", f"out={tmp_path}"],

@@ -12,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from .datamodule import AvatarDataModule, DataSettings
 from .dmd import DMDModule
 from .launch import fit
+from .ode_init import ODEInitModule
+
+STAGES = ("dmd", "ode_init")
 
 # Fault drill: ``role:step`` (``critic:3``, ``generator:0``) makes that role's loss NaN at that generator step.
 NAN_ENV = "LIVEAVATAR_DISTILL_NAN_AT"
@@ -63,6 +66,19 @@ def build_dmd_module(cfg: DictConfig) -> DMDModule:
                      drill=parse_drill(os.environ.get(NAN_ENV)))
 
 
+def build_ode_module(cfg: DictConfig) -> ODEInitModule:
+    model = {
+        "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
+        "window_blocks": int(cfg.model.get("window_blocks", 3)),
+        "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
+    }
+    container = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else {}  # noqa: E731
+    if int(cfg.lora.get("rank", 0)) > 0:
+        raise ValueError("stage=ode_init trains the full student; set lora.rank=0 (LoRA is for the DMD stage)")
+    return ODEInitModule(model, cfg.generator_from, cfg.teacher_from, container("distill"), container("loss"),
+                         container("optim"), container("ode"), int(cfg.seed))
+
+
 def distill(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or continue) the distillation ``cfg`` describes in ``run_dir``; return the figures of ``done.json``."""
     check_trainer(cfg)
@@ -70,7 +86,11 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict:
     # weights after each optimizer step.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
-    module = build_dmd_module(cfg)  # config errors surface before the run folder is touched
+    stage = cfg.get("stage", "dmd")
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage}: expected one of {', '.join(STAGES)}")
+    # config errors surface before the run folder is touched
+    module = build_dmd_module(cfg) if stage == "dmd" else build_ode_module(cfg)
     f = module.dit_config.frames_per_block
     if cfg.data.kind == "toy" and int(cfg.data.latent_frames) % f:
         raise ValueError(f"data.latent_frames={cfg.data.latent_frames}: the rollout needs whole blocks of "
@@ -82,4 +102,5 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict:
         data.setup("fit")
         return module, data
 
-    return fit(cfg, run_dir, setup, stage="dmd", loss_key="train/generator_loss")
+    return fit(cfg, run_dir, setup, stage=stage,
+               loss_key="train/generator_loss" if stage == "dmd" else "train/ode_loss")

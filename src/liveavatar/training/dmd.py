@@ -30,8 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..engine.stream import EngineSettings, StreamCore
 from ..models import AvatarDiT, DiTConfig
-from ..models.audio import group_by_latent_frame
-from .dmd_loss import Conditions, DMDLoss, DMDLossConfig, dmd_generator_loss
+from .dmd_loss import Conditions, DMDLoss, DMDLossConfig, batch_conditions, dmd_generator_loss
 from .ema import ParameterEMA
 from .lora import LoraSettings, merged_copy
 from .roles import TeacherView, build_roles
@@ -160,15 +159,7 @@ class DMDModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ inputs
     def conditions(self, batch: dict) -> Conditions:
         """The batch's text, audio (grouped by latent frame) and reference, as the models take them."""
-        cfg, frames = self.dit_config, batch["latents"].shape[2]
-        if frames % cfg.frames_per_block:
-            raise ValueError(f"clips of {frames} latent frames do not split into the rollout's blocks of "
-                             f"{cfg.frames_per_block}")
-        audio = batch.get("audio") if cfg.has_audio else None
-        if audio is not None:
-            audio = group_by_latent_frame(audio, frames, cfg.video_frames_per_latent)
-        reference = batch.get("reference") if cfg.reference != "none" else None
-        return Conditions(batch["text"], audio, reference)
+        return batch_conditions(batch, self.dit_config)
 
     def _rank(self) -> int:
         return self.global_rank if self._trainer is not None else 0

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.flow import FlowSchedule
+from ..models.audio import group_by_latent_frame
 from ..models.dit import AvatarDiT
 
 
@@ -67,6 +68,20 @@ class Conditions:
         audio = None if a.audio is None else torch.cat([a.audio, b.audio])
         reference = None if a.reference is None else torch.cat([a.reference, b.reference])
         return Conditions(torch.cat([a.text, b.text]), audio, reference)
+
+
+def batch_conditions(batch: dict, config) -> Conditions:
+    """A training batch's text, audio (grouped by latent frame) and reference as the models of ``config``
+    (a :class:`DiTConfig`) take them; the clips must split into whole blocks."""
+    frames = batch["latents"].shape[2]
+    if frames % config.frames_per_block:
+        raise ValueError(f"clips of {frames} latent frames do not split into the rollout's blocks of "
+                         f"{config.frames_per_block}")
+    audio = batch.get("audio") if config.has_audio else None
+    if audio is not None:
+        audio = group_by_latent_frame(audio, frames, config.video_frames_per_latent)
+    reference = batch.get("reference") if config.reference != "none" else None
+    return Conditions(batch["text"], audio, reference)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,7 @@ class SelfForcingRollout:
         window = core.settings.window_blocks
         while records:
             record = records.pop()
+            record.k = record.v = None  # its own keys/values served only the later blocks, all done
             history = [(r.block * f, r.k, r.v) for r in records[max(0, len(records) - window):]]
             core.cache.rebuild(0, record.sink, history)
             core.lane_sink_version[0] = record.sink_version
