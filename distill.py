@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
         fail(str(err).splitlines()[0] if isinstance(err, RunFolderError) else str(err))
     except KeyboardInterrupt:
         fail("interrupted: the run can be continued with the same command", 130)
-    print(f"distilled {done['steps']} generator steps in {done['train_seconds']:.0f} s (final generator loss "
+    print(f"{done['stage']}: {done['steps']} generator steps in {done['train_seconds']:.0f} s (final generator loss "
           f"{done['final_loss']}); weights: {HydraConfig.get().runtime.output_dir}/model")
 
 
