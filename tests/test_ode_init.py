@@ -115,3 +115,23 @@ def test_one_ode_init_step_on_the_meta_device():
     loss.backward()
     assert loss.device == meta
     assert all(p.grad is not None and p.grad.device == meta for p in module.generator.blocks[0].parameters())
+
+
+def test_a_training_checkpoint_streams_as_the_model_its_run_exports(tmp_path, checkpoints):  # noqa: F811
+    """The Stage 2 .ckpt turns into the generator's EMA, exactly the run's model/ export; LoRA and foreign files
+    are refused in one line."""
+    from liveavatar.models import AvatarDiT
+    from liveavatar.training.export import TrainingCheckpointError, model_from_training_checkpoint
+
+    run = tmp_path / "dmd"
+    distill(compose_distill(*SMALL, *sources(checkpoints), "trainer.max_steps=2", "distill.ema_decay=0.5",
+                            f"run.dir={run}"), run)
+    from_ckpt = model_from_training_checkpoint(run / "checkpoints" / "last.ckpt")
+    exported = AvatarDiT.from_pretrained(run / "model")
+    generator = model_from_training_checkpoint(run / "checkpoints" / "last.ckpt", ema=False)
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(from_ckpt.state_dict()[name], value, msg=name)
+    assert any(not torch.equal(generator.state_dict()[n], v) for n, v in exported.state_dict().items())
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingCheckpointError, match="not a train.py"):
+        model_from_training_checkpoint(tmp_path / "junk.ckpt")

@@ -21,6 +21,7 @@ from ..metrics.toy import identity_error, score_video
 from ..models import AvatarDiT, DiTConfig
 from ..models.checkpoint import CheckpointError
 from ..pipeline import engine_settings
+from ..training.export import TrainingCheckpointError, model_from_training_checkpoint
 from .toy_bench import ClipResult, ToyBenchSettings, run_toy_bench, summarise
 
 SCORES = ("lip_sync", "identity_error", "identity_drift", "flicker")
@@ -45,12 +46,15 @@ def bench_settings(cfg: DictConfig) -> ToyBenchSettings:
 
 
 def load_checkpoint(key: str, path, hint: str) -> AvatarDiT:
-    """The model at ``path`` (the config key ``key`` named it), or one line naming the key."""
+    """The model at ``path`` (the config key ``key`` named it): an export folder or file, or a training run's
+    ``.ckpt`` (its exported model at that step); otherwise one line naming the key."""
     if not path or not Path(path).exists():
         raise CompareError(f"{key}={path}: not found ({hint})")
     try:
+        if Path(path).suffix == ".ckpt":  # a run's intermediate training checkpoint
+            return model_from_training_checkpoint(path).requires_grad_(False)
         return AvatarDiT.from_pretrained(path).eval().requires_grad_(False)
-    except CheckpointError as err:
+    except (CheckpointError, TrainingCheckpointError) as err:
         raise CompareError(f"{key}={path}: {err}") from err
 
 
