@@ -1,0 +1,153 @@
+"""GenBench's runner (``eval/genbench.py``): stream every case of a suite through one loaded pipeline, write the
+videos, score each case over the whole video and over time windows, and aggregate per suite, per tag and per
+window into ``results.json``, ``report.md`` and ``report.html`` (:mod:`.genbench_report`).
+
+- Resumable: a finished case leaves ``cases/<id>/scores.json`` (written last, atomically) and is skipped by the
+  next run of the same command; a failed case prints one line and the run goes on (it is retried next time).
+- Timing per case, on the stream as a live client sees it: TTFF (Live Avatar's definition: the wait for the first
+  block's audio to arrive, plus that block's denoising and decode), FPS (frames / compute seconds) and the
+  real-time factor (compute seconds / seconds of video; below 1 is faster than real time).
+- Frames are kept as uint8 on the CPU for scoring (``[T, 3, H, W]``: about 0.9 MB a frame at 720x400), so a
+  10-minute real-resolution case holds ~13 GB; long real cases want ``windows`` and a machine with the memory.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from .. import atomic, media
+from ..components import SAMPLE_RATE, UserError
+from ..metrics.toy import identity_error
+from ..pipeline import LiveAvatarPipeline
+from .scoring import Scorer, parse_windows, score_case
+from .suites import Case, SuiteError, case_inputs, load_manifest, toy_long_suite, toy_suite
+
+# The paper's long-horizon stress test windows (seconds).
+PAPER_WINDOWS = [[0, 10], [100, 110], [1000, 1010], [10000, 10010]]
+CURVE_POINTS = 400     # per-frame curves kept in a case's scores are thinned to at most this many points
+
+
+class GenBenchError(ValueError):
+    """A setting the benchmark cannot run with (one line for the user)."""
+
+
+def suite_cases(cfg: DictConfig) -> tuple[str, list[Case], list]:
+    """``(suite name, cases, default windows)`` of ``cfg.bench``: ``toy``, ``toy_long`` or a manifest path."""
+    bench = str(cfg.bench)
+    if bench == "toy":
+        t = cfg.toy
+        return "toy", toy_suite(int(t.clips), float(t.seconds), int(t.seed)), []
+    if bench == "toy_long":
+        t = cfg.toy_long
+        cases = toy_long_suite(int(t.clips), float(t.seconds), int(t.seed), float(t.loop_seconds))
+        return "toy_long", cases, OmegaConf.to_container(t.windows, resolve=True)
+    return Path(bench).stem, load_manifest(bench), PAPER_WINDOWS
+
+
+def build_scorer(cfg: DictConfig) -> Scorer:
+    """The metrics of this run (the weight-free ones always; weighted ones when ``metrics.*`` name weights)."""
+    from .metric_set import general_metrics
+
+    return Scorer(general=general_metrics(cfg.get("metrics") or {}))
+
+
+def thin(curve: np.ndarray, points: int = CURVE_POINTS) -> list[float]:
+    """At most ``points`` evenly spaced samples of a per-frame curve (for plots)."""
+    idx = np.linspace(0, len(curve) - 1, min(points, len(curve))).round().astype(int)
+    return [float(curve[i]) for i in idx]
+
+
+@dataclass
+class StreamedCase:
+    frames: torch.Tensor        # [3, T, H, W] float in [-1, 1] (from uint8)
+    timing: dict[str, float]
+
+
+def stream_case(pipe: LiveAvatarPipeline, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path,
+                ) -> StreamedCase:
+    """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would."""
+    fps = pipe.fps
+    stream = pipe.stream(image, wav, prompt, seed=seed)
+    start = time.perf_counter()
+    first_block_s, first_frames, chunks = None, 0, []
+    with media.VideoWriter(video_path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer:
+        for block in stream:
+            if first_block_s is None:
+                first_block_s, first_frames = time.perf_counter() - start, block.frames.shape[0]
+            writer.write(block.frames)
+            chunks.append(media.to_uint8(block.frames))
+    compute = time.perf_counter() - start
+    frames = torch.cat(chunks)  # [T, 3, H, W] uint8
+    seconds = frames.shape[0] / fps
+    arrival = first_frames / fps  # the first block cannot start before the audio it covers has arrived
+    timing = {"ttff_s": arrival + (first_block_s or 0.0), "first_block_compute_s": first_block_s or 0.0,
+              "fps": frames.shape[0] / compute, "rtf": compute / seconds, "video_s": seconds, "compute_s": compute}
+    return StreamedCase(frames.float().div(127.5).sub(1.0).transpose(0, 1), timing)
+
+
+def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path, windows, cfg: DictConfig) -> dict:
+    """Stream, write and score one case; returns (and writes, last) its ``scores.json`` record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loop = float(cfg.toy_long.loop_seconds) if case.toy_seed is not None and case.loop_audio else None
+    inputs = case_inputs(case, tuple(pipe.components.resolution), pipe.fps, loop)
+    streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4")
+    reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
+        media.read_image(inputs.image, tuple(pipe.components.resolution))
+    scores = score_case(scorer, streamed.frames, reference, inputs.wav, pipe.fps, inputs.truth,
+                        case.toy_seed is not None, windows)
+    record = {"id": case.id, "tags": case.tags, "case": case.to_dict(), **scores, "timing": streamed.timing,
+              "frames": int(streamed.frames.shape[1])}
+    if case.toy_seed is not None:
+        record["identity_curve"] = thin(np.asarray(identity_error(streamed.frames, reference)))
+    atomic.write_json(folder / "scores.json", record)
+    return record
+
+
+def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dict:
+    """Run the benchmark ``cfg`` describes (``conf/genbench.yaml``); returns the aggregated results."""
+    from .genbench_report import aggregate, write_reports
+
+    if cfg.engine.name == "tpp":
+        raise GenBenchError("engine=tpp: GenBench streams in one process; run the TPP pipeline with infer.py and "
+                            "score its video, or use engine=sequential / stream_batch (the same model and outputs)")
+    try:
+        suite, cases, default_windows = suite_cases(cfg)
+        windows = parse_windows(cfg.windows if cfg.get("windows") is not None else default_windows)
+    except (SuiteError, ValueError) as err:
+        raise GenBenchError(str(err)) from err
+    if cfg.get("cases"):
+        cases = cases[: int(cfg.cases)]
+    out = Path(cfg.out)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    pipe = pipe or LiveAvatarPipeline.from_config(cfg)
+    scorer = build_scorer(cfg)
+    records, failed = [], []
+    for case in tqdm(cases, unit="case", desc=f"genbench {suite}", disable=not cfg.get("progress", True)):
+        folder = out / "cases" / case.id
+        done = folder / "scores.json"
+        if done.exists():
+            import json
+
+            records.append(json.loads(done.read_text()))
+            continue
+        try:
+            records.append(run_case(pipe, scorer, case, folder, windows, cfg))
+        except (UserError, SuiteError, media.MediaError, ValueError, RuntimeError, OSError) as err:
+            line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"error: case {case.id}: {line}", file=sys.stderr)
+            failed.append({"id": case.id, "error": line})
+    settings = {"checkpoint": cfg.checkpoint, "bench": str(cfg.bench), "engine": cfg.engine.name,
+                "model": cfg.model.name, "steps": len(cfg.denoise.steps),
+                "overrides": list(cfg.get("label_overrides") or []),
+                "engine_settings": OmegaConf.to_container(cfg.engine, resolve=True),
+                "rope": OmegaConf.to_container(cfg.model.get("rope") or {}, resolve=True)}
+    results = aggregate(suite, records, failed, settings)
+    write_reports(results, out)
+    return results
