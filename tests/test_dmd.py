@@ -289,6 +289,15 @@ def test_lora_roles_share_the_teacher_base_and_export_merged(tmp_path, checkpoin
 
 
 # -------------------------------------------------------------------------------------------- devices
+def meta_batch(dit, clips: int = 2, frames: int = 6) -> dict:
+    """A training batch of ``clips`` clips of ``frames`` latent frames (8x8) on the meta device."""
+    meta = torch.device("meta")
+    return {"latents": torch.zeros(clips, dit.in_dim, frames, 8, 8, device=meta),
+            "reference": torch.zeros(clips, dit.in_dim, 1, 8, 8, device=meta),
+            "audio": torch.zeros(clips, frames, dit.audio_layers_in, dit.audio_feature_dim, device=meta),
+            "text": torch.zeros(clips, dit.text_len, dit.text_dim, device=meta)}
+
+
 @pytest.mark.meta
 @pytest.mark.parametrize("blockwise", [False, True], ids=["one_shot", "blockwise"])
 def test_one_generator_and_critic_step_on_the_meta_device(blockwise):
@@ -298,11 +307,7 @@ def test_one_generator_and_critic_step_on_the_meta_device(blockwise):
     meta = torch.device("meta")
     with meta:
         module.configure_model()
-    dit = module.dit_config
-    batch = {"latents": torch.zeros(2, dit.in_dim, 6, 8, 8, device=meta),
-             "reference": torch.zeros(2, dit.in_dim, 1, 8, 8, device=meta),
-             "audio": torch.zeros(2, 6, dit.audio_layers_in, dit.audio_feature_dim, device=meta),
-             "text": torch.zeros(2, dit.text_len, dit.text_dim, device=meta)}
+    batch = meta_batch(module.dit_config)
     cond = module.conditions(batch)
     module.critic_loss(batch, cond, 0, 0).backward()
     assert all(p.grad is not None and p.grad.device == meta for p in module.critic.blocks[0].parameters())

@@ -15,7 +15,7 @@ from liveavatar.training.dmd_loss import batch_conditions
 from liveavatar.training.ode_init import _pick_states, dense_schedule, teacher_trajectory
 
 from conftest import randomise
-from test_dmd import SMALL, compose_distill, sources  # noqa: F401  (the checkpoints fixture below)
+from test_dmd import SMALL, compose_distill, meta_batch, sources
 from test_dmd import checkpoints  # noqa: F401
 
 
@@ -105,12 +105,8 @@ def test_one_ode_init_step_on_the_meta_device():
     meta = torch.device("meta")
     with meta:
         module.configure_model()
-    dit = module.dit_config
-    batch = {"latents": torch.zeros(2, dit.in_dim, 6, 8, 8, device=meta),
-             "reference": torch.zeros(2, dit.in_dim, 1, 8, 8, device=meta),
-             "audio": torch.zeros(2, 6, dit.audio_layers_in, dit.audio_feature_dim, device=meta),
-             "text": torch.zeros(2, dit.text_len, dit.text_dim, device=meta)}
-    assert batch_conditions(batch, dit).audio.device == meta
+    batch = meta_batch(module.dit_config)
+    assert batch_conditions(batch, module.dit_config).audio.device == meta
     loss = module.step_loss(batch, 0)
     loss.backward()
     assert loss.device == meta

@@ -54,25 +54,29 @@ def check_trainer(cfg: DictConfig) -> None:
                          "trained weights and is not implemented for sharded ones; set distill.ema_decay=null")
 
 
-def build_dmd_module(cfg: DictConfig) -> DMDModule:
-    model = {
+def model_keys(cfg: DictConfig) -> dict:
+    """The model keys a Stage 2 module takes: the DiT, and the streaming window and position policy."""
+    return {
         "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
         "window_blocks": int(cfg.model.get("window_blocks", 3)),
         "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
     }
-    container = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else {}  # noqa: E731
+
+
+def section(cfg: DictConfig, key: str) -> dict:
+    """``cfg[key]`` as a plain dict (empty when absent)."""
+    return OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else {}
+
+
+def build_dmd_module(cfg: DictConfig) -> DMDModule:
+    model, container = model_keys(cfg), lambda key: section(cfg, key)  # noqa: E731
     return DMDModule(model, cfg.generator_from, cfg.teacher_from, container("distill"), container("loss"),
                      container("optim"), container("lora"), bool(cfg.memory.gradient_checkpointing), int(cfg.seed),
                      drill=parse_drill(os.environ.get(NAN_ENV)))
 
 
 def build_ode_module(cfg: DictConfig) -> ODEInitModule:
-    model = {
-        "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
-        "window_blocks": int(cfg.model.get("window_blocks", 3)),
-        "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
-    }
-    container = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else {}  # noqa: E731
+    model, container = model_keys(cfg), lambda key: section(cfg, key)  # noqa: E731
     if int(cfg.lora.get("rank", 0)) > 0:
         raise ValueError("stage=ode_init trains the full student; set lora.rank=0 (LoRA is for the DMD stage)")
     return ODEInitModule(model, cfg.generator_from, cfg.teacher_from, container("distill"), container("loss"),
