@@ -86,6 +86,9 @@ def test_the_toy_suite_scores_what_the_toy_metrics_give_and_resumes(tmp_path, ch
     direct = score_video(frames.transpose(0, 1), clip.reference, clip.wav, SAMPLE_RATE, 25.0)
     assert record["whole"]["identity_error"] == pytest.approx(direct.identity_error, rel=0.1)  # H.264 vs exact
     assert record["frames"] == 25 and record["timing"]["rtf"] > 0 and record["timing"]["ttff_s"] > 0.04
+    # The toy case has ground truth: PSNR/SSIM against it, beside the weight-free metrics every case gets.
+    assert {"psnr", "ssim", "flicker", "colour_drift", "histogram_drift", "sharpness"} <= set(record["whole"])
+    assert 0 < record["whole"]["flicker"] <= 1 and -1 <= record["whole"]["ssim"] <= 1
     assert results["whole"]["identity_error"] == pytest.approx(
         np.mean([json.loads(p.read_text())["whole"]["identity_error"] for p in (out / "cases").glob("*/scores.json")]))
     html = (out / "report.html").read_text()
@@ -111,7 +114,7 @@ def test_a_failing_case_is_one_line_and_the_run_goes_on(tmp_path, checkpoint, ca
     err = capsys.readouterr().err
     assert "error: case short:" in err and "Traceback" not in err
     assert set(results["windows"]) == {"0-0.2s", "0.2-0.4s"} and "view=front" in results["tags"]
-    assert "flicker" not in results["whole"] or results["whole"]["flicker"] <= 1.0
+    assert 0 < results["whole"]["flicker"] <= 1.0 and "psnr" not in results["whole"]   # no ground truth here
 
 
 @pytest.mark.slow
