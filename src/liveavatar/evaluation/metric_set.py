@@ -20,13 +20,34 @@ def against_truth(video, reference, wav, fps, truth) -> dict[str, float] | None:
     return {"psnr": float(metrics.psnr(video, truth).mean()), "ssim": float(metrics.ssim(video, truth).mean())}
 
 
-def general_metrics(paths) -> list:
-    """The weight-free metrics for every case. Weighted metrics (Dino-S, Sync-C/D, FID, FVD; ``paths`` names their
-    weights) are not built yet: naming a path says so once instead of silently skipping."""
-    named = {k: v for k, v in dict(paths or {}).items() if v}
-    if named:
-        import sys
+def dino_metric(dino) -> callable:
+    """Dino-S of every frame to the reference: mean and trend (last quarter minus first)."""
+    def score(video, reference, wav, fps, truth) -> dict[str, float]:
+        per_frame = dino.score(video, reference)
+        return {"dino_s": float(per_frame.mean()), "dino_s_trend": metrics.trend(per_frame)}
 
-        print(f"warning: metrics.{', metrics.'.join(named)}: weighted metrics are not implemented yet; "
-              "scoring with the weight-free ones", file=sys.stderr)
-    return [appearance, against_truth]
+    return score
+
+
+def general_metrics(paths) -> list:
+    """The metrics for every case: the weight-free ones, and Dino-S when ``paths.dino`` names a DINOv2 folder. A
+    missing folder is one warning and the others still run. Sync-C/D, FID and FVD are not built yet: naming their
+    weights says so once."""
+    import sys
+
+    from ..metrics.weights import MissingWeights
+
+    paths = dict(paths or {})
+    out = [appearance, against_truth]
+    if paths.get("dino"):
+        from ..metrics.dino import DinoSimilarity
+
+        try:
+            out.append(dino_metric(DinoSimilarity.from_pretrained(paths["dino"])))
+        except MissingWeights as err:
+            print(f"warning: {err}; scoring without it", file=sys.stderr)
+    later = [k for k in ("syncnet", "inception", "i3d") if paths.get(k)]
+    if later:
+        print(f"warning: metrics.{', metrics.'.join(later)}: not implemented yet; scoring without them",
+              file=sys.stderr)
+    return out

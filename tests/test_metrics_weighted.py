@@ -1,0 +1,65 @@
+"""Weighted metrics with tiny random weights saved in the real formats: Dino-S through transformers' Dinov2Model
+(the reference against itself is 1), its one-line error for a missing folder, GenBench picking it up, and the
+Frechet distance of FID/FVD against closed forms."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from liveavatar.metrics.frechet import frechet_distance, frechet_from_features
+from liveavatar.metrics.weights import MissingWeights
+
+
+@pytest.fixture(scope="module")
+def dino_folder(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=4, image_size=32)
+    folder = tmp_path_factory.mktemp("dino") / "dinov2-tiny"
+    Dinov2Model(config).save_pretrained(folder)
+    return folder
+
+
+def test_dino_s_of_the_reference_against_itself_is_one_and_lower_for_other_frames(dino_folder):
+    from liveavatar.metrics.dino import DinoSimilarity
+
+    dino = DinoSimilarity.from_pretrained(dino_folder)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    other = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    video = torch.stack([reference, other, reference], dim=1)
+    scores = dino.score(video, reference)
+    assert scores.shape == (3,)
+    assert float(scores[0]) == pytest.approx(1.0, abs=1e-6) and float(scores[2]) == pytest.approx(1.0, abs=1e-6)
+    assert float(scores[1]) < 0.999
+
+
+def test_a_missing_dino_folder_is_one_line_and_genbench_scores_without_it(tmp_path, dino_folder, capsys):
+    from liveavatar.evaluation.metric_set import general_metrics
+    from liveavatar.metrics.dino import DinoSimilarity
+
+    with pytest.raises(MissingWeights, match=r"Dino-S: metrics.dino=.*not found \(download a DINOv2"):
+        DinoSimilarity.from_pretrained(tmp_path / "absent")
+    without = general_metrics({"dino": str(tmp_path / "absent")})
+    assert "warning: Dino-S" in capsys.readouterr().err
+    with_dino = general_metrics({"dino": str(dino_folder)})
+    assert len(with_dino) == len(without) + 1
+    video = torch.rand(3, 4, 32, 32) * 2 - 1
+    scores = with_dino[-1](video, video[:, 0], np.zeros(1), 25.0, None)
+    assert set(scores) == {"dino_s", "dino_s_trend"} and -1 <= scores["dino_s"] <= 1
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_matches_the_diagonal_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    assert abs(frechet_from_features(a, a)) < 1e-8
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    s1, s2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 1.0])
+    expected = float((mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum())
+    assert frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)) == pytest.approx(expected, rel=1e-10)
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    assert frechet_from_features(a, b) == pytest.approx(frechet_from_features(b, a), rel=1e-9)
+    assert frechet_from_features(a, b) > 1.0
