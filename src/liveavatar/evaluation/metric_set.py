@@ -29,10 +29,24 @@ def dino_metric(dino) -> callable:
     return score
 
 
+def sync_metric(syncnet) -> callable:
+    """Sync-C / Sync-D and the offset (frames) of the whole video or window; None away from 25 fps."""
+    from ..components import SAMPLE_RATE
+    from ..metrics.syncnet import sync_scores
+
+    def score(video, reference, wav, fps, truth) -> dict[str, float] | None:
+        if abs(fps - 25.0) > 1e-6 or video.shape[1] <= 5:
+            return None
+        s = sync_scores(syncnet, video, wav, SAMPLE_RATE, fps)
+        return {"sync_c": s.sync_c, "sync_d": s.sync_d, "sync_offset": float(s.offset)}
+
+    return score
+
+
 def general_metrics(paths) -> list:
-    """The metrics for every case: the weight-free ones, and Dino-S when ``paths.dino`` names a DINOv2 folder. A
-    missing folder is one warning and the others still run. Sync-C/D, FID and FVD are not built yet: naming their
-    weights says so once."""
+    """The metrics for every case: the weight-free ones, Dino-S when ``paths.dino`` names a DINOv2 folder, Sync-C/D
+    when ``paths.syncnet`` names the SyncNet weights. Missing weights are one warning and the others still run. FID
+    and FVD (set-level, over all cases) are not built yet: naming their weights says so once."""
     import sys
 
     from ..metrics.weights import MissingWeights
@@ -46,7 +60,14 @@ def general_metrics(paths) -> list:
             out.append(dino_metric(DinoSimilarity.from_pretrained(paths["dino"])))
         except MissingWeights as err:
             print(f"warning: {err}; scoring without it", file=sys.stderr)
-    later = [k for k in ("syncnet", "inception", "i3d") if paths.get(k)]
+    if paths.get("syncnet"):
+        from ..metrics.syncnet import SyncNet
+
+        try:
+            out.append(sync_metric(SyncNet.from_file(paths["syncnet"])))
+        except (MissingWeights, ValueError) as err:
+            print(f"warning: {err}; scoring without it", file=sys.stderr)
+    later = [k for k in ("inception", "i3d") if paths.get(k)]
     if later:
         print(f"warning: metrics.{', metrics.'.join(later)}: not implemented yet; scoring without them",
               file=sys.stderr)
