@@ -30,12 +30,12 @@ def dino_metric(dino) -> callable:
 
 
 def sync_metric(syncnet) -> callable:
-    """Sync-C / Sync-D and the offset (frames) of the whole video or window; None away from 25 fps."""
+    """Sync-C / Sync-D and the offset (frames) of the whole video or window; None at other frame rates."""
     from ..components import SAMPLE_RATE
-    from ..metrics.syncnet import sync_scores
+    from ..metrics.syncnet import SYNCNET_FPS, WINDOW, sync_scores
 
     def score(video, reference, wav, fps, truth) -> dict[str, float] | None:
-        if abs(fps - 25.0) > 1e-6 or video.shape[1] <= 5:
+        if abs(fps - SYNCNET_FPS) > 1e-6 or video.shape[1] <= WINDOW:
             return None
         s = sync_scores(syncnet, video, wav, SAMPLE_RATE, fps)
         return {"sync_c": s.sync_c, "sync_d": s.sync_d, "sync_offset": float(s.offset)}

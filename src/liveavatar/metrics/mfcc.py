@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..media import SAMPLE_RATE
+
 WINDOW_S, HOP_S, NFFT, FILTERS, COEFFS, LIFTER, PREEMPH = 0.025, 0.01, 512, 26, 13, 22, 0.97
 INT16 = 32768.0
 
@@ -39,7 +41,7 @@ def _frames(signal: np.ndarray, length: int, step: int) -> np.ndarray:
     return padded[index]
 
 
-def mfcc(wav: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
+def mfcc(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """``[frames, 13]``: one row every 10 ms (4 per video frame at 25 fps)."""
     x = np.asarray(wav, dtype=np.float64) * INT16
     x = np.append(x[0], x[1:] - PREEMPH * x[:-1])

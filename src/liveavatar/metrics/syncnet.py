@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..media import SAMPLE_RATE, VIDEO_FPS
 from .frames import as_video
 from .mfcc import mfcc
 from .weights import require_path
 
 WINDOW, MFCC_PER_FRAME, SIZE = 5, 4, 224
+# SyncNet was trained on video at the project's default rate (4 MFCC rows of 10 ms per frame): nothing else fits.
+SYNCNET_FPS = VIDEO_FPS
 
 
 def _conv_block(conv: nn.Module, channels: int, norm, pool: nn.Module | None = None) -> list[nn.Module]:
@@ -116,11 +119,11 @@ def lip_frames(video, crop: tuple[int, int, int, int] | None = None) -> torch.Te
 
 
 @torch.no_grad()
-def sync_scores(model: SyncNet, video, wav: np.ndarray, sample_rate: int = 16000, fps: float = 25.0,
+def sync_scores(model: SyncNet, video, wav: np.ndarray, sample_rate: int = SAMPLE_RATE, fps: float = SYNCNET_FPS,
                 crop=None, max_offset: int = 15, batch: int = 16) -> SyncScores:
     """Sync-C / Sync-D of a video ``[3, T, H, W]`` and its audio (the MFCC framing assumes 25 fps)."""
-    if abs(fps - 25.0) > 1e-6:
-        raise ValueError(f"Sync-C/Sync-D: SyncNet's windows assume 25 fps video, got {fps}")
+    if abs(fps - SYNCNET_FPS) > 1e-6:
+        raise ValueError(f"Sync-C/Sync-D: SyncNet's windows assume {SYNCNET_FPS:g} fps video, got {fps}")
     frames = lip_frames(video, crop)
     cepstra = torch.from_numpy(mfcc(wav, sample_rate).T.astype(np.float32))   # [13, F]
     n = min(frames.shape[2], cepstra.shape[1] // MFCC_PER_FRAME) - WINDOW
