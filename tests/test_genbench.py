@@ -159,3 +159,15 @@ def test_bad_settings_are_one_line(tmp_path):
                              f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: bench=") and "not found" in result.stderr
+
+
+def test_fvd_over_the_toy_cases_when_i3d_weights_are_given(tmp_path, checkpoint):
+    """Set-level FVD: I3D features of each case's video and its ground truth, one Frechet distance over the cases."""
+    from test_metrics_weighted import TinyI3D
+
+    torch.manual_seed(0)
+    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    results = run_genbench(genbench_cfg(f"checkpoint={checkpoint}", "bench=toy", "toy.clips=3", "toy.seconds=0.6",
+                                        f"out={tmp_path / 'o'}", f"metrics.i3d={tmp_path / 'i3d.pt'}"))
+    assert results["set"]["fvd_clips"] == 3 and results["set"]["fvd"] > 0
+    assert "fvd" in (tmp_path / "o" / "report.md").read_text()

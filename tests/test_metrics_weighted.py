@@ -63,3 +63,33 @@ def test_frechet_distance_is_zero_for_identical_sets_and_matches_the_diagonal_cl
     b = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
     assert frechet_from_features(a, b) == pytest.approx(frechet_from_features(b, a), rel=1e-9)
     assert frechet_from_features(a, b) > 1.0
+
+
+class TinyI3D(torch.nn.Module):
+    """A stand-in with the call signature of the shared I3D TorchScript."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3, stride=2)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = True) -> torch.Tensor:
+        assert x.shape[1:] == (3, 16, 224, 224)
+        return self.conv(x).mean(dim=(2, 3, 4))
+
+
+def test_i3d_features_from_a_torchscript_file_give_fvd_zero_for_the_same_clips(tmp_path):
+    from liveavatar.metrics.i3d import I3DFeatures
+
+    torch.manual_seed(0)
+    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    i3d = I3DFeatures.from_file(tmp_path / "i3d.pt")
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.rand(3, 10, 32, 32, generator=g) * 2 - 1 for _ in range(12)]   # shorter than 16: last repeated
+    feats = i3d(videos)
+    assert feats.shape == (12, 8) and feats.dtype == torch.float64
+    assert frechet_from_features(feats, i3d(videos)) == pytest.approx(0.0, abs=1e-8)
+    brighter = i3d([(v + 0.5).clamp(-1, 1) for v in videos])
+    assert frechet_from_features(feats, brighter) > 1e-3
+    with pytest.raises(MissingWeights, match="FVD: metrics.i3d=.*not found"):
+        I3DFeatures.from_file(tmp_path / "absent.pt")

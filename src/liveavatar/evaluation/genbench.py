@@ -53,9 +53,10 @@ def suite_cases(cfg: DictConfig) -> tuple[str, list[Case], list]:
 
 def build_scorer(cfg: DictConfig) -> Scorer:
     """The metrics of this run (the weight-free ones always; weighted ones when ``metrics.*`` name weights)."""
-    from .metric_set import general_metrics
+    from .metric_set import general_metrics, video_features
 
-    return Scorer(general=general_metrics(cfg.get("metrics") or {}))
+    paths = cfg.get("metrics") or {}
+    return Scorer(general=general_metrics(paths), video_features=video_features(paths))
 
 
 def thin(curve: np.ndarray, points: int = CURVE_POINTS) -> list[float]:
@@ -104,6 +105,9 @@ def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path,
                         case.toy_seed is not None, windows)
     record = {"id": case.id, "tags": case.tags, "case": case.to_dict(), **scores, "timing": streamed.timing,
               "frames": int(streamed.frames.shape[1])}
+    if scorer.video_features is not None and inputs.truth is not None:
+        generated, truth = scorer.video_features([streamed.frames, inputs.truth])
+        record["i3d"] = {"generated": generated.tolist(), "truth": truth.tolist()}
     if case.toy_seed is not None:
         record["identity_curve"] = thin(np.asarray(identity_error(streamed.frames, reference)))
     atomic.write_json(folder / "scores.json", record)

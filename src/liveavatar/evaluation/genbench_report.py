@@ -38,9 +38,17 @@ def aggregate(suite: str, records: list[dict], failed: list[dict], settings: dic
         for key, value in r["tags"].items():
             tags.setdefault(f"{key}={value}", []).append(r["whole"])
     order = sorted(windows, key=lambda n: float(n.split("-")[0]))
+    pairs = [r["i3d"] for r in records if "i3d" in r]
+    set_level = {}
+    if len(pairs) >= 2:  # a covariance needs at least two clips per side (and many more to mean much)
+        from ..metrics.frechet import frechet_from_features
+
+        set_level = {"fvd": frechet_from_features([p["generated"] for p in pairs], [p["truth"] for p in pairs]),
+                     "fvd_clips": len(pairs)}
     return {
         "suite": suite, "settings": settings, "cases": len(records), "failed": failed,
         "whole": _mean([r["whole"] for r in records]) if records else {},
+        "set": set_level,
         "timing": _mean([r["timing"] for r in records]) if records else {},
         "windows": {n: _mean(windows[n]) for n in order},
         "tags": {k: _mean(v) for k, v in sorted(tags.items())},
@@ -165,7 +173,7 @@ def _page(title: str, body: list[str]) -> str:
 def write_reports(results: dict, out: Path) -> None:
     """``results.json``, ``report.md`` and ``report.html`` of one run."""
     atomic.write_json(out / "results.json", results)
-    whole = md_table({results["suite"]: {**results["whole"], **results["timing"]}})
+    whole = md_table({results["suite"]: {**results["whole"], **results.get("set", {}), **results["timing"]}})
     per_case = md_table({r["id"]: {k: v for k, v in r.items() if k not in ("id", "tags")} for r in results["per_case"]})
     windows = md_table(results["windows"])
     tags = md_table(results["tags"])
@@ -196,7 +204,8 @@ def compare_runs(folders: list[Path], out: Path, names: list[str] | None = None)
         # Name a run by what sets it apart from the others (the swept keys).
         own = " ".join(o for o in overrides[i] if o not in shared)
         name = names[i] if names else (own or Path(folder).name)
-        rows[name] = {**results["whole"], **{k: results["timing"][k] for k in TIMING if k in results["timing"]}}
+        rows[name] = {**results["whole"], **results.get("set", {}),
+                      **{k: results["timing"][k] for k in TIMING if k in results["timing"]}}
         if results["windows"]:
             last = list(results["windows"])[-1]
             last_window[f"{name} [{last}]"] = results["windows"][last]

@@ -46,7 +46,7 @@ def sync_metric(syncnet) -> callable:
 def general_metrics(paths) -> list:
     """The metrics for every case: the weight-free ones, Dino-S when ``paths.dino`` names a DINOv2 folder, Sync-C/D
     when ``paths.syncnet`` names the SyncNet weights. Missing weights are one warning and the others still run. FID
-    and FVD (set-level, over all cases) are not built yet: naming their weights says so once."""
+    (set-level) is not built yet: naming its weights says so once; FVD is :func:`video_features`."""
     import sys
 
     from ..metrics.weights import MissingWeights
@@ -67,8 +67,25 @@ def general_metrics(paths) -> list:
             out.append(sync_metric(SyncNet.from_file(paths["syncnet"])))
         except (MissingWeights, ValueError) as err:
             print(f"warning: {err}; scoring without it", file=sys.stderr)
-    later = [k for k in ("inception", "i3d") if paths.get(k)]
+    later = [k for k in ("inception",) if paths.get(k)]
     if later:
         print(f"warning: metrics.{', metrics.'.join(later)}: not implemented yet; scoring without them",
               file=sys.stderr)
     return out
+
+
+def video_features(paths):
+    """FVD's I3D features (``paths.i3d``), applied to each case's video and its ground truth; None without it."""
+    import sys
+
+    from ..metrics.weights import MissingWeights
+
+    if not dict(paths or {}).get("i3d"):
+        return None
+    from ..metrics.i3d import I3DFeatures
+
+    try:
+        return I3DFeatures.from_file(paths["i3d"])
+    except MissingWeights as err:
+        print(f"warning: {err}; scoring without it", file=sys.stderr)
+        return None
