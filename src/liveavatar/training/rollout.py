@@ -15,12 +15,17 @@ the block (``distill.history``):
   557), is re-forwarded to write the cache.
 
 Block-wise gradient accumulation (Live Avatar's Algorithm 2): :meth:`SelfForcingRollout.run` with
-``keep_graph=False`` rolls out every block without gradient and records, per block, its exit-step input, the sink it
-saw and the keys and values it added to the cache; :meth:`SelfForcingRollout.backward_blockwise` then re-runs one block at a
-time, with gradient, against the cache it saw (rebuilt from the sink and what each earlier block in the window
-added) and back-propagates that block's share of the loss gradient. The history is detached, so the sum equals the
-one-shot gradient, while only one block's activations are alive at a time; what is stored per block is its input
-and its own keys and values (the paper's "detached keys/values"), not copies of the whole cache.
+``keep_graph=False`` rolls out every block without gradient and records, per block, its exit-step input and audio;
+:meth:`SelfForcingRollout.backward_blockwise` then re-runs one block at a time, with gradient, and back-propagates
+that block's share of the loss gradient. The history is detached, so each block's gradient depends on no other
+block's graph and their sum equals the one-shot gradient, while only one block's activations are alive at a time.
+
+The re-runs go from the first block to the last, not last to first as Algorithm 2 is written: the order does not
+change the sum, and in this order each re-run writes the cache the next one reads, as the rollout did (History
+Corrupt: the re-run exit-step forward itself writes its keys and values; clean / fixed_noise: one extra forward
+without gradient re-writes them). Nothing of the history has to be stored per block, so the memory a generator
+step needs beyond one block's activations is the streaming cache's window, whatever the number of blocks (storing
+each block's detached keys and values instead made the peak grow with the clip's length).
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ from typing import Sequence
 
 import torch
 
-from ..engine.cache import SinkEntry
 from ..engine.stream import StreamCore
 
 HISTORIES = ("corrupt", "clean", "fixed_noise")
@@ -50,17 +54,12 @@ class RolloutSettings:
 
 @dataclass
 class BlockRecord:
-    """What block-wise accumulation needs to re-run a block's exit step: its input ``[1, C, F, H, W]``, its audio
-    features, the sink it saw (shared between blocks that saw the same version), and the keys and values
-    ``[layers, F, T, H, D]`` it added to the history (for the blocks after it)."""
+    """What block-wise accumulation needs to re-run a block's exit step: its input ``[1, C, F, H, W]`` and its
+    audio features (the history it saw is rebuilt by re-running the blocks before it)."""
 
     block: int
     x_exit: torch.Tensor
     audio: torch.Tensor | None
-    sink: SinkEntry | None
-    sink_version: int
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
 
 
 class SelfForcingRollout:
@@ -117,22 +116,15 @@ class SelfForcingRollout:
         if not 0 <= exit_step < self.steps:
             raise ValueError(f"exit step {exit_step} outside the {self.steps} denoising steps")
         core, corrupt = self.core, self.settings.history == "corrupt"
-        outputs, records, sinks = [], [], {}
+        outputs, records = [], []
         for block, grouped in enumerate(audio_blocks):
             x = self._denoise_to(block, exit_step, grouped)
             if not keep_graph:
-                core.ensure_sink(0, block)
-                version = core.lane_sink_version[0]
-                if version not in sinks:
-                    sinks[version] = core.cache.sink_entry(0) if core.cache.sink_frames else None
-                records.append(BlockRecord(block, x, grouped, sinks[version], version))
+                records.append(BlockRecord(block, x, grouped))
             with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
                 x0 = self.exit_forward(x, block, exit_step, grouped, write=corrupt)
             if not corrupt:
                 self._write_history(x0.detach(), block, grouped)
-            if not keep_graph:
-                f = core.frames_per_block
-                records[-1].k, records[-1].v = core.cache.block_entry(0, block * f, f)
             if block == 0:
                 core.sink.first_block_done(x0.detach())
             outputs.append(x0)
@@ -140,16 +132,17 @@ class SelfForcingRollout:
 
     def backward_blockwise(self, records: list[BlockRecord], exit_step: int, grad_video: torch.Tensor) -> None:
         """Accumulate into the generator's ``.grad`` the gradient of a loss whose gradient with respect to the
-        rolled-out video is ``grad_video`` ``[1, C, blocks * F, H, W]``: block by block, last to first, each exit
-        step re-run with gradient against the cache it saw, each record freed after its block."""
+        rolled-out video is ``grad_video`` ``[1, C, blocks * F, H, W]``: block by block, first to last, each exit
+        step re-run with gradient against the cache the re-runs before it rebuilt (see the module docstring).
+        ``records`` is emptied as the blocks are done."""
         core, f = self.core, self.core.frames_per_block
-        window = core.settings.window_blocks
+        corrupt = self.settings.history == "corrupt"
+        core.cache.rebuild(0, None, [])   # an empty lane: the sinks are written again as the blocks ask for them
+        core.lane_sink_version[0] = -1
         while records:
-            record = records.pop()
-            record.k = record.v = None  # its own keys/values served only the later blocks, all done
-            history = [(r.block * f, r.k, r.v) for r in records[max(0, len(records) - window):]]
-            core.cache.rebuild(0, record.sink, history)
-            core.lane_sink_version[0] = record.sink_version
+            record = records.pop(0)
             with torch.enable_grad():
-                x0 = self.exit_forward(record.x_exit, record.block, exit_step, record.audio, write=False)
+                x0 = self.exit_forward(record.x_exit, record.block, exit_step, record.audio, write=corrupt)
             x0.backward(grad_video[:, :, record.block * f : (record.block + 1) * f].to(x0.dtype))
+            if not corrupt:
+                self._write_history(x0.detach(), record.block, record.audio)
