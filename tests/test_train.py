@@ -271,7 +271,7 @@ def test_experiments_compose_and_the_14b_recipe_is_bf16_fsdp_lora():
     assert df.data.latent_frames % df.model.dit.frames_per_block == 0
     big = compose_train("experiment=liveavatar_14b_df", "init_from=/ckpt", "data.path=/shards")
     assert big.model.name == "wan2.1-14b" and big.trainer.precision == "bf16-true"
-    assert big.trainer.strategy.name == "fsdp" and big.trainer.strategy.activation_checkpointing
+    assert big.trainer.strategy.name == "fsdp" and big.memory.gradient_checkpointing
     assert big.lora.rank > 0 and big.data.kind == "shards"
     for zero in ("deepspeed_zero2", "deepspeed_zero3"):
         cfg = compose_train("experiment=liveavatar_14b_df", f"trainer={zero}")
@@ -279,17 +279,14 @@ def test_experiments_compose_and_the_14b_recipe_is_bf16_fsdp_lora():
 
 
 def test_strategies_are_built_by_name():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from liveavatar.models.dit import DiTBlock
+    from liveavatar.training.sharding import FSDP2Strategy
 
     assert build_strategy("auto") == "auto"
-    fsdp = build_strategy({"name": "fsdp", "sharding": "SHARD_GRAD_OP", "activation_checkpointing": True})
-    assert isinstance(fsdp, FSDPStrategy)
-    assert DiTBlock in fsdp.kwargs["auto_wrap_policy"]._module_classes
-    assert fsdp.sharding_strategy.name == "SHARD_GRAD_OP"
-    assert DiTBlock in fsdp._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
-    assert not build_strategy({"name": "fsdp"})._activation_checkpointing_kwargs
+    fsdp = build_strategy({"name": "fsdp"})
+    assert isinstance(fsdp, FSDP2Strategy) and not fsdp.distributed_checkpoint
+    assert build_strategy({"name": "fsdp", "state_dict_type": "sharded"}).distributed_checkpoint
+    with pytest.raises(ValueError, match="expected full or sharded"):
+        build_strategy({"name": "fsdp", "state_dict_type": "local"})
     with pytest.raises(ValueError, match="unknown options"):
         build_strategy({"name": "fsdp", "shardnig": "x"})
     with pytest.raises(ValueError, match="expected one of"):

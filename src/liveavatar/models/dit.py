@@ -122,6 +122,11 @@ class DiTBlock(nn.Module):
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff, frames))
         return x + gate(y, gate_ff, frames).type_as(x)
 
+    def context_kv(self, context: torch.Tensor):
+        """Cross-attention keys and values of embedded text ``[B, S, dim]``, computed once per stream (a method of
+        the block, not of its ``cross_attn``, so that a sharded block gathers its weights for it)."""
+        return self.cross_attn.context_kv(context)
+
 
 class Head(nn.Module):
     """Output head (``head.head``, ``head.modulation``): modulated norm, then a linear map to patch pixels."""
@@ -261,7 +266,7 @@ class AvatarDiT(nn.Module):
     @torch.no_grad()
     def text_kv(self, context: torch.Tensor) -> TextKV:
         """Cross-attention keys/values of every block for embedded text ``[1, text_len, dim]``."""
-        return TextKV([block.cross_attn.context_kv(context) for block in self.blocks])
+        return TextKV([block.context_kv(context) for block in self.blocks])
 
     def embed_audio(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
         """Audio encoder features -> tokens ``[B, F, A, audio_dim]``. ``features`` are per video frame from the

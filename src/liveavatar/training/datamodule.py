@@ -15,7 +15,7 @@ from typing import Mapping
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..components import SAMPLE_RATE, Components, UserError, toy_preset
 from ..data import toy
@@ -100,6 +100,7 @@ class DataSettings:
     seed: int = 0                   # toy: which clips
     prompt: str = "a person talking to the camera"
     motion_frames: int = 0          # Stage 1: latent frames before each clip given as noisy context (toy only)
+    shuffle: bool = True            # false: clips in order (across ranks: rank r takes clips r, r + N, ...)
 
 
 class AvatarDataModule(L.LightningDataModule):
@@ -137,8 +138,43 @@ class AvatarDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         s = self.settings
-        return DataLoader(self.dataset, batch_size=s.batch_size, shuffle=True, num_workers=s.num_workers,
+        trainer = self.trainer
+        if trainer is None:  # outside a Trainer (tests, scripts): plain order or a fresh shuffle
+            return DataLoader(self.dataset, batch_size=s.batch_size, shuffle=s.shuffle, num_workers=s.num_workers,
+                              drop_last=True, collate_fn=collate)
+        replicas = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+        sampler = ClipOrder(self.dataset, shuffle=s.shuffle, seed=s.seed, **replicas)
+        # A resumed run continues the epoch where the killed one stopped (Lightning restores the step counter
+        # before it asks for the loader), instead of seeing the epoch's first clips again.
+        batches = trainer.global_step * trainer.accumulate_grad_batches
+        sampler.start_at(trainer.current_epoch, batches % max(1, len(sampler) // s.batch_size) * s.batch_size)
+        return DataLoader(self.dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.num_workers,
                           drop_last=True, persistent_workers=s.num_workers > 0, collate_fn=collate)
+
+
+class ClipOrder(DistributedSampler):
+    """This rank's clips of an epoch: a permutation seeded by ``(data.seed, epoch)`` (or the clips in order),
+    dealt to the ranks in turn (rank r of N takes positions r, r + N, ...), so a run over N ranks sees what one
+    process with N times the batch sees; :meth:`start_at` skips the clips a resumed run already trained on. One
+    process is ``num_replicas=1``; Lightning keeps this sampler as it is (it is a ``DistributedSampler``), where
+    it would put its own, always shuffling, one in its place."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip_epoch, self.skip = 0, 0
+
+    def start_at(self, epoch: int, clips: int) -> None:
+        """In epoch ``epoch`` only, begin after this rank's first ``clips`` clips."""
+        self.skip_epoch, self.skip = epoch, clips
+
+    def _skipped(self) -> int:
+        return self.skip if self.epoch == self.skip_epoch else 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self._skipped():])
+
+    def __len__(self) -> int:
+        return super().__len__() - self._skipped()
 
 
 def collate(samples: list[dict]) -> dict:

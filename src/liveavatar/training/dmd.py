@@ -13,7 +13,8 @@ its own optimizer wrappers: the generator steps through one, the critic through 
 ``global_step``, checkpoint names and ``trainer.max_steps`` count generator steps.
 
 Randomness is derived from ``(seed, generator step, sub-step, purpose, clip)``: the exit step is the same on every
-rank; each clip of each rank gets its own rollout noise; a resumed run draws what the uninterrupted one would.
+rank; each clip gets its own rollout and loss noise, keyed by its global index, so a run split over N ranks
+equals one process with N times the batch (tested); a resumed run draws what the uninterrupted one would.
 
 Each optimizer step checks once (one host sync) that the loss and the gradient norm are finite, and otherwise
 stops with :class:`NonFiniteError` before stepping, so no non-finite weight reaches a checkpoint.
@@ -26,15 +27,15 @@ from dataclasses import dataclass, field
 import lightning as L
 import numpy as np
 import torch
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..engine.stream import EngineSettings, StreamCore
 from ..models import AvatarDiT, DiTConfig
 from .dmd_loss import Conditions, DMDLoss, DMDLossConfig, batch_conditions, dmd_generator_loss
 from .ema import ParameterEMA
-from .lora import LoraSettings, merged_copy
+from .lora import LoraSettings, apply_lora, merged_copy
 from .roles import TeacherView, build_roles
 from .rollout import RolloutSettings, SelfForcingRollout
+from .sharding import gathered, is_sharded, local_norm, mesh_of, shard_dit
 
 # What a derived random stream is for (part of its seed).
 EXIT, NOISE, LOSS = 0, 1, 2
@@ -127,6 +128,11 @@ class DMDModule(L.LightningModule):
         roles = build_roles(self.dit_config, self.generator_from, self.teacher_from, self.lora,
                             self.gradient_checkpointing)
         self.generator, self.critic, self.teacher = roles.generator, roles.critic, roles.teacher
+        mesh = mesh_of(self)
+        if mesh is not None:  # trainer=fsdp: each role sharded block by block (the frozen teacher too)
+            for role in (self.generator, self.critic, self.teacher):
+                if role is not None:
+                    shard_dit(role, mesh, self.trainer.precision)
         if self.settings.ema_decay is not None:
             self.ema = ParameterEMA(self.generator, self.settings.ema_decay)
 
@@ -140,12 +146,24 @@ class DMDModule(L.LightningModule):
         """The teacher: its own model, or the shared LoRA base with the critic's adapters off."""
         return self.teacher if self.teacher is not None else TeacherView(self.critic)
 
-    def export(self) -> AvatarDiT:
-        """The generator to save (its EMA when enabled), with plain Wan2.1 parameter names (LoRA merged)."""
+    def export(self) -> AvatarDiT | None:
+        """The generator to save (its EMA when enabled), with plain Wan2.1 parameter names (LoRA merged). Sharded,
+        it is gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
         generator = self.generator
+        if is_sharded(generator):
+            generator = gathered(generator, self._plain_generator)
+            if generator is None:
+                return None
         if self.ema is not None:
             generator = self.ema.copy_to(copy.deepcopy(generator))
         return merged_copy(generator) if self.lora.enabled else generator
+
+    def _plain_generator(self) -> AvatarDiT:
+        """An unsharded model with the generator's structure (its LoRA adapters included)."""
+        model = AvatarDiT(self.dit_config)
+        if self.lora.enabled:
+            apply_lora(model, self.lora, adapter_name="generator", train_additions=True)
+        return model
 
     def configure_optimizers(self):
         o = self.optim
@@ -169,9 +187,13 @@ class DMDModule(L.LightningModule):
         rng = np.random.default_rng(derived_seed(self.seed, step, substep, EXIT))
         return int(rng.integers(len(self.engine_settings.steps)))
 
-    def loss_generator(self, step: int, substep: int) -> torch.Generator:
-        """The random stream of a loss's timesteps and noise (per rank: ranks hold different clips)."""
-        return torch.Generator().manual_seed(derived_seed(self.seed, step, substep, LOSS, self._rank()))
+    def loss_generators(self, step: int, substep: int, clips: int) -> list[torch.Generator]:
+        """The random streams of a loss's timesteps and noise, one per clip of this rank, keyed by the clip's
+        global index (as the rollout noise is): a run over N ranks draws what one process with N times the batch
+        draws."""
+        first = self._rank() * clips
+        return [torch.Generator().manual_seed(derived_seed(self.seed, step, substep, LOSS, first + i))
+                for i in range(clips)]
 
     def rollouts(self, batch: dict, cond: Conditions, step: int, substep: int
                  ) -> list[tuple[SelfForcingRollout, list[torch.Tensor | None]]]:
@@ -195,7 +217,8 @@ class DMDModule(L.LightningModule):
         exit_step = self.exit_step(step, substep)
         with torch.no_grad():
             video = torch.cat([r.run(audio, exit_step)[0] for r, audio in self.rollouts(batch, cond, step, substep)])
-        return self.loss_fn.critic_loss(self.critic, video, cond, self.loss_generator(step, substep))
+        generators = self.loss_generators(step, substep, batch["latents"].shape[0])
+        return self.loss_fn.critic_loss(self.critic, video, cond, generators)
 
     def generator_backward(self, batch: dict, cond: Conditions, step: int) -> tuple[torch.Tensor, dict]:
         """Roll out with gradient, compute the DMD loss and back-propagate it into the generator's ``.grad``.
@@ -203,7 +226,7 @@ class DMDModule(L.LightningModule):
         substep = self.settings.critic_steps_per_generator_step  # after the critic's sub-steps
         exit_step = self.exit_step(step, substep)
         rollouts = self.rollouts(batch, cond, step, substep)
-        generator = self.loss_generator(step, substep)
+        generator = self.loss_generators(step, substep, batch["latents"].shape[0])
         if not self.settings.blockwise:
             video = torch.cat([r.run(audio, exit_step)[0] for r, audio in rollouts])
             grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generator)
@@ -271,12 +294,9 @@ class DMDModule(L.LightningModule):
 
     def _clip(self, model: torch.nn.Module) -> torch.Tensor:
         """Clip to ``optim.clip_grad_norm`` (or only measure, when null); returns the total norm before clipping.
-        Under FSDP the sharded root measures across ranks (only the role being stepped holds gradients)."""
+        Sharded (FSDP2), the gradients are DTensor shards and the norm is taken across the ranks."""
         max_norm = self.optim.clip_grad_norm if self.optim.clip_grad_norm is not None else float("inf")
-        wrapped = self.trainer.model if self._trainer is not None else None
-        if isinstance(wrapped, FullyShardedDataParallel):
-            return wrapped.clip_grad_norm_(max_norm)
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return local_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -22,6 +22,7 @@ neither score is queried at pure noise or at the clean end, where the difference
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,22 @@ class DMDLoss:
         level = torch.randint(c.min_t, c.max_t + 1, (batch,), generator=generator)
         return self.flow.timesteps[(T - level).clamp(0, T - 1)].float().to(device)
 
+    def draw(self, x: torch.Tensor, generators: torch.Generator | Sequence[torch.Generator]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A timestep ``[B]`` and a noise like ``x`` per clip. With one generator per clip, each clip's draws come
+        from its own stream, so a clip gets the same draws whichever rank holds it and whatever the batch size
+        (a run split over ranks reproduces the one-process run); one generator serves the whole batch in order."""
+        if isinstance(generators, torch.Generator):
+            t = self.sample_timesteps(x.shape[0], generators, x.device)
+            return t, torch.randn(x.shape, generator=generators).to(device=x.device, dtype=x.dtype)
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"{len(generators)} random streams for {x.shape[0]} clips")
+        ts, noises = [], []
+        for g in generators:
+            ts.append(self.sample_timesteps(1, g, x.device))
+            noises.append(torch.randn((1, *x.shape[1:]), generator=g))
+        return torch.cat(ts), torch.cat(noises).to(device=x.device, dtype=x.dtype)
+
     @staticmethod
     def velocity(model: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
         """Bidirectional full-sequence velocity ``[B, C, F, H, W]`` (float32) of ``model`` at ``xt``, ``t [B]``."""
@@ -146,23 +163,21 @@ class DMDLoss:
 
     @torch.no_grad()
     def gradient(self, teacher: AvatarDiT, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
-                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 generator: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DMD gradient ``[B, C, F, H, W]`` (float64) at the generated video ``x`` (detached here), re-noised at
         one drawn timestep per clip, and statistics for logging."""
         x = x.detach()
-        t = self.sample_timesteps(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        t, noise = self.draw(x, generator)
         xt = self.flow.add_noise(x, noise, t)
         real = self.real_x0(teacher, xt, t, cond)
         fake = self.fake_x0(critic, xt, t, cond)
         return dmd_gradient(x, real, fake), {"dmd_t": t.mean(), "real_fake_gap": (real - fake).abs().mean()}
 
     def critic_loss(self, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
         """Flow-matching loss of the critic on generated clips ``x`` ``[B, C, F, H, W]`` (detached here): predict
         ``noise - x`` from ``x`` noised at one drawn timestep per clip. A scalar (float32 at least)."""
         x = at_least_float32(x.detach())
-        t = self.sample_timesteps(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        t, noise = self.draw(x, generator)
         v = self.velocity(critic, self.flow.add_noise(x, noise, t), t, cond)
         return F.mse_loss(v.to(x.dtype), self.flow.velocity_target(x, noise))

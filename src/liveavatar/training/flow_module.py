@@ -17,6 +17,7 @@ from ..engine.positions import PositionPolicy
 from ..models import AvatarDiT, DiTConfig
 from .flow_loss import FlowLossConfig, FlowMatchingLoss
 from .lora import LoraSettings, apply_lora, merged_copy
+from .sharding import gathered, is_sharded, mesh_of, shard_dit
 
 STAGES = ("teacher", "diffusion_forcing")
 
@@ -85,11 +86,26 @@ class FlowMatchingModule(L.LightningModule):
         model.gradient_checkpointing = settings.gradient_checkpointing
         if self.lora.enabled:
             apply_lora(model, self.lora)
+        mesh = mesh_of(self)
+        if mesh is not None:  # trainer=fsdp: sharded block by block
+            shard_dit(model, mesh, self.trainer.precision)
         self.model = model
 
-    def export(self) -> AvatarDiT:
-        """The trained DiT with plain Wan2.1 parameter names (LoRA merged), for ``save_pretrained``."""
-        return merged_copy(self.model) if self.lora.enabled else self.model
+    def export(self) -> AvatarDiT | None:
+        """The trained DiT with plain Wan2.1 parameter names (LoRA merged), for ``save_pretrained``. Sharded, it is
+        gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
+        model = self.model
+        if is_sharded(model):
+            model = gathered(model, self._plain_model)
+            if model is None:
+                return None
+        return merged_copy(model) if self.lora.enabled else model
+
+    def _plain_model(self) -> AvatarDiT:
+        model = AvatarDiT(self.dit_config)
+        if self.lora.enabled:
+            apply_lora(model, self.lora)
+        return model
 
     # --------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

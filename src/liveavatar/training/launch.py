@@ -20,6 +20,7 @@ from .. import atomic
 from .datamodule import AvatarDataModule, DataSettings
 from .flow_module import FlowMatchingModule
 from .run_folder import RunFolder
+from .sharding import FSDP2Strategy
 from .strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,10 @@ def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningMod
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
     args = trainer_arguments(cfg)
-    plugins = [AtomicCheckpointIO()] if args["strategy"] in ("auto", "ddp") else None
+    strategy = args["strategy"]
+    # Single-file checkpoints are written atomically (a folder of shards is the strategy's own).
+    one_file = strategy in ("auto", "ddp") or (isinstance(strategy, FSDP2Strategy) and not strategy.distributed_checkpoint)
+    plugins = [AtomicCheckpointIO()] if one_file else None
     trainer = L.Trainer(**args, logger=build_loggers(cfg.logger, run.logs), callbacks=callbacks, plugins=plugins,
                         default_root_dir=str(run.path), enable_progress_bar=bool(cfg.progress),
                         enable_model_summary=False, num_sanity_val_steps=0)
@@ -179,8 +183,9 @@ def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningMod
 
     done = {"stage": stage, "steps": int(trainer.global_step), "train_seconds": round(clock.total, 1),
             "final_loss": _metric(trainer, loss_key), "parameters": sum(p.numel() for p in module.model.parameters())}
+    exported = module.export()  # on every rank: a sharded model is gathered collectively
     if trainer.is_global_zero:
-        module.export().save_pretrained(run.model)
+        exported.save_pretrained(run.model)
         plot_loss(run.logs / "csv", run.path / "loss.png", loss_key)
         atomic.write_json(run.done, done)
     return done

@@ -6,8 +6,10 @@ pretrained weights, so they are trained in full next to the adapters.
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..models.checkpoint import is_addition
@@ -39,7 +41,7 @@ def _require_peft():
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "default",
-               train_additions: bool = True) -> nn.Module:
+               train_additions: bool = True, seed: int = 0) -> nn.Module:
     """Insert LoRA adapters in place (peft ``inject_adapter_in_model``); freeze the base weights, keep the
     adapters (and, with ``train_additions``, this project's additions) trainable. Returns ``model``.
 
@@ -52,7 +54,11 @@ def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "de
         raise ValueError(f"lora.targets={list(settings.targets)} match no linear layer of the model")
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                              lora_dropout=settings.dropout, target_modules=names)
-    peft.inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    # The adapters' random initialisation from its own seed, not from whatever the global generator holds by now
+    # (process-group set-up and samplers draw from it differently on one and on several ranks).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + zlib.crc32(adapter_name.encode()))  # each adapter its own draws
+        peft.inject_adapter_in_model(config, model, adapter_name=adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name or (train_additions and is_addition(name)))
     return model

@@ -1,6 +1,6 @@
-"""Lightning strategies by name (``trainer.strategy``): ``auto`` / ``ddp`` as Lightning has them, ``fsdp`` with
-every DiT block its own shard unit (and optional activation checkpointing per block), and DeepSpeed ZeRO
-stages 2 and 3 (a single optimizer only, as Lightning's DeepSpeed strategy requires)."""
+"""Lightning strategies by name (``trainer.strategy``): ``auto`` / ``ddp`` as Lightning has them, ``fsdp``
+(PyTorch's FSDP2, every DiT block its own shard unit: :mod:`.sharding`), and DeepSpeed ZeRO stages 2 and 3 (a
+single optimizer only, as Lightning's DeepSpeed strategy requires)."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +13,10 @@ NAMES = ("auto", "ddp", "fsdp", "deepspeed")
 def build_strategy(spec: Any):
     """``spec`` is a name (``auto``, ``ddp``) or a mapping ``{name: fsdp|deepspeed, ...options}``.
 
-    fsdp options: ``sharding`` (FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD), ``activation_checkpointing``,
-    ``cpu_offload``. deepspeed options: ``stage`` (2 or 3), ``offload_optimizer``, ``offload_parameters``.
+    fsdp options: ``state_dict_type`` (``full``: rank 0 gathers one checkpoint file; ``sharded``: each rank writes
+    its shard into a checkpoint folder). Activation checkpointing is the model's own (``memory.gradient_checkpointing``),
+    the mixed precision follows ``trainer.precision`` (:func:`.sharding.mixed_precision`).
+    deepspeed options: ``stage`` (2 or 3), ``offload_optimizer``, ``offload_parameters``.
     """
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
@@ -27,18 +29,12 @@ def build_strategy(spec: Any):
     if name in ("auto", "ddp"):
         return name
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from .sharding import FSDP2Strategy
 
-        from ..models.dit import DiTBlock
-
-        checkpointing = options.pop("activation_checkpointing", False)
-        strategy = FSDPStrategy(
-            auto_wrap_policy={DiTBlock},
-            activation_checkpointing_policy={DiTBlock} if checkpointing else None,
-            sharding_strategy=options.pop("sharding", "FULL_SHARD"),
-            cpu_offload=options.pop("cpu_offload", False),
-            state_dict_type=options.pop("state_dict_type", "sharded"),
-        )
+        kind = options.pop("state_dict_type", "full")
+        if kind not in ("full", "sharded"):
+            raise ValueError(f"trainer.strategy.state_dict_type={kind}: expected full or sharded")
+        strategy = FSDP2Strategy(distributed_checkpoint=kind == "sharded")
     elif name == "deepspeed":
         try:
             import deepspeed  # noqa: F401
