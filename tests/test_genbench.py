@@ -171,3 +171,21 @@ def test_fvd_over_the_toy_cases_when_i3d_weights_are_given(tmp_path, checkpoint)
                                         f"out={tmp_path / 'o'}", f"metrics.i3d={tmp_path / 'i3d.pt'}"))
     assert results["set"]["fvd_clips"] == 3 and results["set"]["fvd"] > 0
     assert "fvd" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_fid_over_the_toy_cases_when_inception_weights_are_given(tmp_path, checkpoint):
+    """Set-level FID: Inception features of frames of each case's video and of its ground truth, kept beside the
+    case's scores, one Frechet distance over all frames; a resumed run reads them back."""
+    from liveavatar.metrics.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "pt_inception.pth")
+    args = [f"checkpoint={checkpoint}", "bench=toy", "toy.clips=2", "toy.seconds=0.6", f"out={tmp_path / 'o'}",
+            f"metrics.inception={tmp_path / 'pt_inception.pth'}", "metrics.fid_frames=3"]
+    results = run_genbench(genbench_cfg(*args))
+    assert results["set"]["fid_frames"] == 6 and results["set"]["fid"] > 0
+    features = np.load(tmp_path / "o" / "cases" / results["per_case"][0]["id"] / "inception.npz")
+    assert features["generated"].shape == (3, 2048) and features["truth"].shape == (3, 2048)
+    again = run_genbench(genbench_cfg(*args))   # every case done: scores and features read back
+    assert again["set"]["fid"] == pytest.approx(results["set"]["fid"])
+    assert "fid" in (tmp_path / "o" / "report.md").read_text()

@@ -93,3 +93,54 @@ def test_i3d_features_from_a_torchscript_file_give_fvd_zero_for_the_same_clips(t
     assert frechet_from_features(feats, brighter) > 1e-3
     with pytest.raises(MissingWeights, match="FVD: metrics.i3d=.*not found"):
         I3DFeatures.from_file(tmp_path / "absent.pt")
+
+
+# ------------------------------------------------------------------------------------------------- FID
+def test_fid_inception_has_the_released_architecture_and_loads_its_state_dict_strictly(tmp_path):
+    """Parameter count against torchvision's published figure: inception_v3 has 27,161,264 parameters, of which
+    its auxiliary head (absent from the FID graph) holds 3,326,696; the FID graph has 1008 classes instead of 1000
+    (8 more rows of the 2048-wide classifier)."""
+    from liveavatar.metrics.inception import FIDInceptionV3, InceptionFeatures
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    assert sum(p.numel() for p in model.parameters()) == 27_161_264 - 3_326_696 + 8 * 2048 + 8
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}  # older exports
+    for k in state:
+        if k.endswith("running_var"):
+            state[k] = torch.rand_like(state[k]) + 0.5   # non-trivial statistics, so loading them matters
+    torch.save(state, tmp_path / "pt_inception.pth")
+    fid = InceptionFeatures.from_file(tmp_path / "pt_inception.pth", max_frames=3)
+    for k, v in state.items():
+        torch.testing.assert_close(fid.model.state_dict()[k], v)
+
+    video = torch.rand(3, 7, 40, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    feats = fid(video)
+    assert feats.shape == (3, 2048) and feats.dtype == torch.float64
+    with torch.no_grad():
+        direct = fid.model(video[:, [0, 3, 6]].transpose(0, 1)).double()   # first, middle and last frames
+    torch.testing.assert_close(feats, direct)
+
+    renamed = {k.replace("Mixed_7c", "Mixed_7x"): v for k, v in state.items()}
+    torch.save(renamed, tmp_path / "other.pth")
+    with pytest.raises(MissingWeights, match="not the FID InceptionV3 state dict"):
+        InceptionFeatures.from_file(tmp_path / "other.pth")
+    with pytest.raises(MissingWeights, match="FID: metrics.inception=.*not found"):
+        InceptionFeatures.from_file(tmp_path / "absent.pth")
+
+
+def test_fid_pools_as_the_tensorflow_graph_does():
+    """The A/C/first-E blocks' average pool leaves the zero padding out (a constant map stays constant, border
+    included); the last E block pools with a max."""
+    from liveavatar.metrics.inception import InceptionE, _avg_pool
+
+    ones = torch.ones(1, 2, 5, 5)
+    torch.testing.assert_close(_avg_pool(ones), ones)
+    assert torch.nn.functional.avg_pool2d(ones, 3, 1, 1)[0, 0, 0, 0] < 0.5  # torch's default counts the padding
+    last, first = InceptionE(4, max_pool=True), InceptionE(4, max_pool=False)
+    first.load_state_dict(last.state_dict())
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = last.eval()(x), first.eval()(x)
+    torch.testing.assert_close(a[:, :-192], b[:, :-192])       # the conv branches agree
+    assert (a[:, -192:] - b[:, -192:]).abs().max() > 1e-4       # the pool branch differs

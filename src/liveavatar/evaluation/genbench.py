@@ -32,6 +32,7 @@ from .suites import Case, SuiteError, case_inputs, load_manifest, toy_long_suite
 # The paper's long-horizon stress test windows (seconds).
 PAPER_WINDOWS = [[0, 10], [100, 110], [1000, 1010], [10000, 10010]]
 CURVE_POINTS = 400     # per-frame curves kept in a case's scores are thinned to at most this many points
+FID_FEATURES = "inception.npz"  # a case's FID features (generated and ground-truth frames), beside scores.json
 
 
 class GenBenchError(ValueError):
@@ -53,10 +54,11 @@ def suite_cases(cfg: DictConfig) -> tuple[str, list[Case], list]:
 
 def build_scorer(cfg: DictConfig) -> Scorer:
     """The metrics of this run (the weight-free ones always; weighted ones when ``metrics.*`` name weights)."""
-    from .metric_set import general_metrics, video_features
+    from .metric_set import frame_features, general_metrics, video_features
 
     paths = cfg.get("metrics") or {}
-    return Scorer(general=general_metrics(paths), video_features=video_features(paths))
+    return Scorer(general=general_metrics(paths), video_features=video_features(paths),
+                  frame_features=frame_features(paths))
 
 
 def thin(curve: np.ndarray, points: int = CURVE_POINTS) -> list[float]:
@@ -93,6 +95,15 @@ def stream_case(pipe: LiveAvatarPipeline, image, wav: np.ndarray, prompt: str, s
     return StreamedCase(frames.float().div(127.5).sub(1.0).transpose(0, 1), timing)
 
 
+def fid_features(out: Path, records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The generated and the ground-truth frames' Inception features ``[N, 2048]`` over every case that has them."""
+    files = [out / "cases" / r["id"] / r["inception"] for r in records if r.get("inception")]
+    if not files:
+        return None
+    loaded = [np.load(f) for f in files]
+    return np.concatenate([f["generated"] for f in loaded]), np.concatenate([f["truth"] for f in loaded])
+
+
 def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path, windows, cfg: DictConfig) -> dict:
     """Stream, write and score one case; returns (and writes, last) its ``scores.json`` record."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,11 @@ def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path,
     if scorer.video_features is not None and inputs.truth is not None:
         generated, truth = scorer.video_features([streamed.frames, inputs.truth])
         record["i3d"] = {"generated": generated.tolist(), "truth": truth.tolist()}
+    if scorer.frame_features is not None and inputs.truth is not None:
+        # [n, 2048] per side: kept beside the scores (too many numbers for the JSON record)
+        np.savez(folder / FID_FEATURES, generated=scorer.frame_features(streamed.frames).numpy(),
+                 truth=scorer.frame_features(inputs.truth).numpy())
+        record["inception"] = FID_FEATURES
     if case.toy_seed is not None:
         record["identity_curve"] = thin(np.asarray(identity_error(streamed.frames, reference)))
     atomic.write_json(folder / "scores.json", record)
@@ -152,6 +168,6 @@ def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dic
                 "overrides": list(cfg.get("label_overrides") or []),
                 "engine_settings": OmegaConf.to_container(cfg.engine, resolve=True),
                 "rope": OmegaConf.to_container(cfg.model.get("rope") or {}, resolve=True)}
-    results = aggregate(suite, records, failed, settings)
+    results = aggregate(suite, records, failed, settings, fid_features(out, records))
     write_reports(results, out)
     return results

@@ -28,8 +28,10 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
-def aggregate(suite: str, records: list[dict], failed: list[dict], settings: dict) -> dict:
-    """Means over cases: whole video, per window, per tag, timing."""
+def aggregate(suite: str, records: list[dict], failed: list[dict], settings: dict,
+              fid_features: tuple | None = None) -> dict:
+    """Means over cases: whole video, per window, per tag, timing; the set-level FVD (from the records' I3D
+    features) and FID (from ``fid_features``: generated and ground-truth frames' Inception features)."""
     windows: dict[str, list[dict]] = {}
     tags: dict[str, list[dict]] = {}
     for r in records:
@@ -45,6 +47,10 @@ def aggregate(suite: str, records: list[dict], failed: list[dict], settings: dic
 
         set_level = {"fvd": frechet_from_features([p["generated"] for p in pairs], [p["truth"] for p in pairs]),
                      "fvd_clips": len(pairs)}
+    if fid_features is not None and min(len(fid_features[0]), len(fid_features[1])) >= 2:
+        from ..metrics.frechet import frechet_from_features
+
+        set_level.update(fid=frechet_from_features(*fid_features), fid_frames=len(fid_features[0]))
     return {
         "suite": suite, "settings": settings, "cases": len(records), "failed": failed,
         "whole": _mean([r["whole"] for r in records]) if records else {},

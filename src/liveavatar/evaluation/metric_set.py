@@ -45,8 +45,8 @@ def sync_metric(syncnet) -> callable:
 
 def general_metrics(paths) -> list:
     """The metrics for every case: the weight-free ones, Dino-S when ``paths.dino`` names a DINOv2 folder, Sync-C/D
-    when ``paths.syncnet`` names the SyncNet weights. Missing weights are one warning and the others still run. FID
-    (set-level) is not built yet: naming its weights says so once; FVD is :func:`video_features`."""
+    when ``paths.syncnet`` names the SyncNet weights. Missing weights are one warning and the others still run. The
+    set-level metrics are :func:`video_features` (FVD) and :func:`frame_features` (FID)."""
     import sys
 
     from ..metrics.weights import MissingWeights
@@ -67,10 +67,6 @@ def general_metrics(paths) -> list:
             out.append(sync_metric(SyncNet.from_file(paths["syncnet"])))
         except (MissingWeights, ValueError) as err:
             print(f"warning: {err}; scoring without it", file=sys.stderr)
-    later = [k for k in ("inception",) if paths.get(k)]
-    if later:
-        print(f"warning: metrics.{', metrics.'.join(later)}: not implemented yet; scoring without them",
-              file=sys.stderr)
     return out
 
 
@@ -86,6 +82,24 @@ def video_features(paths):
 
     try:
         return I3DFeatures.from_file(paths["i3d"])
+    except MissingWeights as err:
+        print(f"warning: {err}; scoring without it", file=sys.stderr)
+        return None
+
+
+def frame_features(paths):
+    """FID's InceptionV3 pool features (``paths.inception``) of a video's frames (``paths.fid_frames`` of them,
+    evenly spread); None without it."""
+    import sys
+
+    from ..metrics.weights import MissingWeights
+
+    if not dict(paths or {}).get("inception"):
+        return None
+    from ..metrics.inception import InceptionFeatures
+
+    try:
+        return InceptionFeatures.from_file(paths["inception"], max_frames=int(paths.get("fid_frames") or 32))
     except MissingWeights as err:
         print(f"warning: {err}; scoring without it", file=sys.stderr)
         return None

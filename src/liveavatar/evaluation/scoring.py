@@ -40,6 +40,7 @@ class Scorer:
     general: list[Metric] = field(default_factory=list)
     toy: list[Metric] = field(default_factory=lambda: [toy_scores])
     video_features: Callable | None = None   # set-level (FVD): list of videos -> [N, D] features
+    frame_features: Callable | None = None   # set-level (FID): one video -> [n, D] features of its frames
 
     def score(self, video: torch.Tensor, reference: torch.Tensor, wav: np.ndarray, fps: float,
               truth: torch.Tensor | None, is_toy: bool) -> dict[str, float]:
