@@ -144,3 +144,41 @@ def test_fid_pools_as_the_tensorflow_graph_does():
         a, b = last.eval()(x), first.eval()(x)
     torch.testing.assert_close(a[:, :-192], b[:, :-192])       # the conv branches agree
     assert (a[:, -192:] - b[:, -192:]).abs().max() > 1e-4       # the pool branch differs
+
+
+# ------------------------------------------------------------------------------------------- Q-Align
+class BrightnessRater:
+    """Stands in for Q-Align's model (8B, GPU; its remote code cannot be built tiny): ``score`` with Q-Align's
+    signature, rating each image 1 + 4 * mean brightness for quality and 5 - 4 * brightness for aesthetics."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, images, task_="quality", input_="image"):
+        self.calls.append((len(images), task_, input_, images[0].mode))
+        bright = torch.tensor([np.asarray(im, dtype=np.float64).mean() / 255 for im in images])
+        return 1 + 4 * bright if task_ == "quality" else 5 - 4 * bright
+
+
+def test_qalign_scores_evenly_spread_frames_as_rgb_images_and_averages():
+    from liveavatar.metrics.qalign import QAlign
+
+    rater = BrightnessRater()
+    video = torch.full((3, 10, 8, 8), -1.0)
+    video[:, 5:] = 1.0                       # half black, half white
+    scores = QAlign(rater, frames=4)(video)
+    assert rater.calls == [(4, "quality", "image", "RGB"), (4, "aesthetics", "image", "RGB")]
+    # frames 0, 3, 6, 9: two black, two white -> brightness 0.5
+    assert scores == {"iqa": pytest.approx(3.0), "ase": pytest.approx(3.0)}
+    assert QAlign(rater, frames=4)(torch.ones(3, 2, 8, 8)) == {"iqa": pytest.approx(5.0), "ase": pytest.approx(1.0)}
+
+
+def test_qalign_weights_missing_or_unloadable_are_one_line(tmp_path):
+    from liveavatar.metrics.qalign import QAlign
+
+    with pytest.raises(MissingWeights, match=r"Q-Align\): metrics.qalign=.*not found"):
+        QAlign.from_pretrained(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingWeights, match=r"Q-Align\): metrics.qalign=.*did not load: ") as err:
+        QAlign.from_pretrained(tmp_path / "empty")
+    assert "\n" not in str(err.value)

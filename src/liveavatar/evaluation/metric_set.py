@@ -43,10 +43,18 @@ def sync_metric(syncnet) -> callable:
     return score
 
 
+def qalign_metric(qalign) -> callable:
+    """IQA and ASE (Q-Align), each the mean over evenly spread frames."""
+    def score(video, reference, wav, fps, truth) -> dict[str, float]:
+        return qalign(video)
+
+    return score
+
+
 def general_metrics(paths) -> list:
     """The metrics for every case: the weight-free ones, Dino-S when ``paths.dino`` names a DINOv2 folder, Sync-C/D
-    when ``paths.syncnet`` names the SyncNet weights. Missing weights are one warning and the others still run. The
-    set-level metrics are :func:`video_features` (FVD) and :func:`frame_features` (FID)."""
+    when ``paths.syncnet`` names the SyncNet weights, IQA / ASE when ``paths.qalign`` names a Q-Align folder (GPU).
+    Missing weights are one warning and the others still run. The set-level metrics are :func:`video_features` (FVD) and :func:`frame_features` (FID)."""
     import sys
 
     from ..metrics.weights import MissingWeights
@@ -66,6 +74,14 @@ def general_metrics(paths) -> list:
         try:
             out.append(sync_metric(SyncNet.from_file(paths["syncnet"])))
         except (MissingWeights, ValueError) as err:
+            print(f"warning: {err}; scoring without it", file=sys.stderr)
+    if paths.get("qalign"):
+        from ..metrics.qalign import QAlign
+
+        try:
+            qalign = QAlign.from_pretrained(paths["qalign"], frames=int(paths.get("qalign_frames") or 8))
+            out.append(qalign_metric(qalign))
+        except MissingWeights as err:
             print(f"warning: {err}; scoring without it", file=sys.stderr)
     return out
 
