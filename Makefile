@@ -29,6 +29,13 @@ demo: $(STAMP)
 	# GenBench's long toy suite (60 s of looped audio, scored over windows), Stage 1 vs the DMD student at 4 steps.
 	$(PY) eval/genbench.py -m checkpoint=outputs/train/toy_df/model,outputs/distill/toy_dmd/model bench=toy_long \
 		model.dit.reference=concat model.window_blocks=2 denoise.shift=1.0 engine.sink=none out=outputs/demo/genbench
+	# Sink x RoPE at serving time: a sink-token Stage 1 model (trained with Rolling RoPE and the reference sink)
+	# streamed 30 s with each sink and each position policy; one comparison table (outputs/demo/sink_rope).
+	$(PY) train.py experiment=toy_teacher_sink trainer.max_steps=800
+	$(PY) train.py experiment=toy_df_sink model.rope.policy=rolling trainer.max_steps=600
+	$(PY) eval/genbench.py -m checkpoint=outputs/train/toy_df_sink_rolling/model bench=toy_long toy_long.seconds=30 \
+		"toy_long.windows=[[0,5],[25,30]]" model.dit.reference=sink model.window_blocks=2 model.rope.max_distance=8 \
+		denoise.shift=1.0 engine.sink=none,reference,aas model.rope.policy=absolute,rolling,rapr out=outputs/demo/sink_rope
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

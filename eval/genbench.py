@@ -5,6 +5,9 @@ scores each case over the whole video and over time windows; writes ``results.js
 ``report.html`` to ``out``. The same command again skips finished cases. With ``-m`` (several settings) each job
 gets a sub-folder and the sweep ends with one comparison table. Configuration: ``conf/genbench.yaml``; the logic
 is in ``liveavatar.evaluation`` (``genbench``, ``suites``, ``scoring``, ``genbench_report``).
+
+TPP: ``torchrun --nproc_per_node=N+1 eval/genbench.py engine=tpp ...``: every rank takes every case; the output
+rank writes and scores.
 """
 import sys
 
@@ -19,6 +22,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from liveavatar.components import UserError
+    from liveavatar.engine.tpp import PeerFailure
     from liveavatar.evaluation.genbench import GenBenchError, run_genbench
     from liveavatar.evaluation.genbench_report import md_table
     from liveavatar.models.checkpoint import CheckpointError
@@ -31,8 +35,12 @@ def main(cfg: DictConfig) -> None:
         results = run_genbench(cfg)
     except (GenBenchError, UserError, CheckpointError) as err:
         fail(str(err))
+    except PeerFailure as err:
+        fail(f"tpp stopped: {err} (finished cases are kept; the same command continues)", 3)
     except KeyboardInterrupt:
         fail("interrupted: finished cases are kept; the same command continues", 130)
+    if results is None:  # a TPP rank that does not output
+        return
     print(md_table({results["suite"]: {**results["whole"], **results["timing"]}}))
     print(f"{results['cases']} cases scored, {len(results['failed'])} failed; report: {cfg.out}/report.html")
 

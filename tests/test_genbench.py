@@ -189,3 +189,36 @@ def test_fid_over_the_toy_cases_when_inception_weights_are_given(tmp_path, check
     again = run_genbench(genbench_cfg(*args))   # every case done: scores and features read back
     assert again["set"]["fid"] == pytest.approx(results["set"]["fid"])
     assert "fid" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.distributed
+def test_tpp_scores_what_the_sequential_engine_scores_and_resumes(tmp_path, checkpoint):
+    """engine=tpp under torchrun (2 DiT ranks + the decoding rank, every rank taking every case): the same videos
+    and scores as the sequential engine in one process; a second run skips the finished cases on every rank."""
+    common = [f"checkpoint={checkpoint}", "bench=toy", "toy.clips=2", "toy.seconds=0.6", "denoise.steps=[1000,500]"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each TPP rank runs: CPU kernels split reductions by thread count
+    try:
+        expected = run_genbench(genbench_cfg(*common, f"out={tmp_path / 'seq'}"))
+    finally:
+        torch.set_num_threads(threads)
+
+    def tpp():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                               str(ROOT / "eval" / "genbench.py"), *common, "engine=tpp", "engine.timeout_s=60",
+                               "progress=false", "denoise.shift=1.0", f"out={tmp_path / 'tpp'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    first = tpp()
+    assert first.returncode == 0, first.stderr[-3000:]
+    got = json.loads((tmp_path / "tpp" / "results.json").read_text())
+    assert got["cases"] == 2 and got["settings"]["engine"] == "tpp"
+    for mine, theirs in zip(got["per_case"], expected["per_case"]):
+        assert mine["id"] == theirs["id"]
+        for key in ("lip_sync", "identity_error", "psnr", "ssim", "flicker"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+    assert got["timing"]["ttff_s"] > 0 and got["timing"]["rtf"] > 0
+    stamp = (tmp_path / "tpp" / "cases" / "toy_987654321" / "video.mp4").stat().st_mtime_ns
+    again = tpp()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "tpp" / "cases" / "toy_987654321" / "video.mp4").stat().st_mtime_ns == stamp

@@ -12,6 +12,7 @@ window into ``results.json``, ``report.md`` and ``report.html`` (:mod:`.genbench
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from .. import atomic, media
 from ..components import SAMPLE_RATE, UserError
+from ..engine.tpp import PeerFailure
 from ..metrics.toy import identity_error
 from ..pipeline import LiveAvatarPipeline
 from .scoring import Scorer, parse_windows, score_case
@@ -73,11 +75,14 @@ class StreamedCase:
     timing: dict[str, float]
 
 
-def stream_case(pipe: LiveAvatarPipeline, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path,
-                ) -> StreamedCase:
-    """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would."""
+def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path) -> StreamedCase | None:
+    """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would.
+    ``pipe``: a :class:`LiveAvatarPipeline` or, on a rank of a TPP group, a :class:`TPPPipeline` (None on the ranks
+    that do not output)."""
     fps = pipe.fps
     stream = pipe.stream(image, wav, prompt, seed=seed)
+    if stream is None:
+        return None
     start = time.perf_counter()
     first_block_s, first_frames, chunks = None, 0, []
     with media.VideoWriter(video_path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer:
@@ -104,12 +109,16 @@ def fid_features(out: Path, records: list[dict]) -> tuple[np.ndarray, np.ndarray
     return np.concatenate([f["generated"] for f in loaded]), np.concatenate([f["truth"] for f in loaded])
 
 
-def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path, windows, cfg: DictConfig) -> dict:
-    """Stream, write and score one case; returns (and writes, last) its ``scores.json`` record."""
-    folder.mkdir(parents=True, exist_ok=True)
+def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg: DictConfig) -> dict | None:
+    """Stream, write and score one case; returns (and writes, last) its ``scores.json`` record (None on a TPP
+    rank that does not output: it streams its part only)."""
     loop = float(cfg.toy_long.loop_seconds) if case.toy_seed is not None and case.loop_audio else None
     inputs = case_inputs(case, tuple(pipe.components.resolution), pipe.fps, loop)
+    if scorer is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4")
+    if streamed is None:
+        return None
     reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
         media.read_image(inputs.image, tuple(pipe.components.resolution))
     scores = score_case(scorer, streamed.frames, reference, inputs.wav, pipe.fps, inputs.truth,
@@ -130,13 +139,11 @@ def run_case(pipe: LiveAvatarPipeline, scorer: Scorer, case: Case, folder: Path,
     return record
 
 
-def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dict:
-    """Run the benchmark ``cfg`` describes (``conf/genbench.yaml``); returns the aggregated results."""
+def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dict | None:
+    """Run the benchmark ``cfg`` describes (``conf/genbench.yaml``); returns the aggregated results (None on the
+    ranks of a TPP group that do not output). ``engine=tpp`` runs under torchrun, every rank taking every case."""
     from .genbench_report import aggregate, write_reports
 
-    if cfg.engine.name == "tpp":
-        raise GenBenchError("engine=tpp: GenBench streams in one process; run the TPP pipeline with infer.py and "
-                            "score its video, or use engine=sequential / stream_batch (the same model and outputs)")
     try:
         suite, cases, default_windows = suite_cases(cfg)
         windows = parse_windows(cfg.windows if cfg.get("windows") is not None else default_windows)
@@ -145,24 +152,43 @@ def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dic
     if cfg.get("cases"):
         cases = cases[: int(cfg.cases)]
     out = Path(cfg.out)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
-    pipe = pipe or LiveAvatarPipeline.from_config(cfg)
-    scorer = build_scorer(cfg)
-    records, failed = [], []
-    for case in tqdm(cases, unit="case", desc=f"genbench {suite}", disable=not cfg.get("progress", True)):
-        folder = out / "cases" / case.id
-        done = folder / "scores.json"
-        if done.exists():
-            import json
+    group = None
+    if cfg.engine.name == "tpp":
+        from ..tpp_pipeline import TPPPipeline
 
-            records.append(json.loads(done.read_text()))
-            continue
-        try:
-            records.append(run_case(pipe, scorer, case, folder, windows, cfg))
-        except (UserError, SuiteError, media.MediaError, ValueError, RuntimeError, OSError) as err:
-            line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            print(f"error: case {case.id}: {line}", file=sys.stderr)
-            failed.append({"id": case.id, "error": line})
+        pipe = group = TPPPipeline(cfg)
+    pipe = pipe or LiveAvatarPipeline.from_config(cfg)
+    output = group is None or group.is_output
+    scorer = build_scorer(cfg) if output else None
+    if output:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+    records, failed = [], []
+    try:
+        for case in tqdm(cases, unit="case", desc=f"genbench {suite}",
+                         disable=not (output and cfg.get("progress", True))):
+            folder = out / "cases" / case.id
+            done = folder / "scores.json"
+            if _all_agree(group, done.exists()):
+                if output:
+                    records.append(json.loads(done.read_text()))
+                continue
+            try:
+                record = run_case(pipe, scorer, case, folder, windows, cfg)
+            except PeerFailure:
+                raise
+            except (UserError, SuiteError, media.MediaError, ValueError, RuntimeError, OSError) as err:
+                line = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if output:
+                    print(f"error: case {case.id}: {line}", file=sys.stderr)
+                failed.append({"id": case.id, "error": line})
+                continue
+            if record is not None:
+                records.append(record)
+    finally:
+        if group is not None:
+            group.close()
+    if not output:
+        return None
     settings = {"checkpoint": cfg.checkpoint, "bench": str(cfg.bench), "engine": cfg.engine.name,
                 "model": cfg.model.name, "steps": len(cfg.denoise.steps),
                 "overrides": list(cfg.get("label_overrides") or []),
@@ -171,3 +197,15 @@ def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dic
     results = aggregate(suite, records, failed, settings, fid_features(out, records))
     write_reports(results, out)
     return results
+
+
+def _all_agree(group, value: bool) -> bool:
+    """``value`` as the output rank of a TPP group sees it (its files decide which cases are done); ``value``
+    itself in one process."""
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=group.layout.output_rank)
+    return bool(box[0])

@@ -1,0 +1,162 @@
+"""``TPPPipeline``: a Timestep-forcing Pipeline Parallel group (launched by torchrun, see
+:mod:`liveavatar.engine.tpp`) that serves one request after another, as :class:`~liveavatar.pipeline.LiveAvatarPipeline`
+does in one process. Each DiT rank loads its model once; every rank takes every request, with the same arguments,
+and does its part; the output rank (the decoding rank, or the last step's with ``engine.decode_on_last``) gets the
+decoded blocks. ``infer.py engine=tpp`` is one request; GenBench streams its cases through it.
+
+Between requests the group meets at a barrier, so a request starts on every rank at once (its time to first frame
+counts from there) and the output rank may take its time with a finished video (writing, scoring) while the
+others wait. A failure on any rank stops every rank (the watchdog), with the failing rank named.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from .components import Components, UserError, frames_in, resolve_dtype
+from .engine import tpp
+from .engine.stream import StreamCore
+from .pipeline import (AudioFeatureOptions, AvatarStream, decode_blocks, dit_config, engine_settings, feature_blocks,
+                       load_model, prompt_context, read_image, read_waveform)
+from .models.audio import blocks_for
+
+
+class TPPPipeline:
+    """This rank's part of a TPP group. Build it on every rank of the torchrun job with the same ``cfg``
+    (``conf/infer.yaml``); :meth:`close` when done."""
+
+    def __init__(self, cfg: DictConfig):
+        if "RANK" not in os.environ:
+            raise UserError("engine=tpp runs under torchrun: torchrun --nproc_per_node=N+1 infer.py engine=tpp ...")
+        e = cfg.engine
+        self.layout = tpp.Layout(len(cfg.denoise.steps), bool(e.decode_on_last))
+        self.rank, world, self.device = tpp.init_process_group(float(e.timeout_s))
+        self.watchdog = tpp.Watchdog(tpp.default_store(), self.rank, float(e.fault_poll_s))
+        role = f"step {self.rank}" if self.layout.is_dit(self.rank) else "decode"
+        if self.rank == self.layout.output_rank and self.layout.decode_on_last:
+            role += "+decode"
+        self.stats = tpp.RankStats(self.rank, role)
+        self.channel = tpp.Channel(self.device, self.stats)
+        self.stage_options = tpp.StageOptions(float(e.heartbeat_s), e.simulate_forward_ms)
+        with self.guard():
+            if world != self.layout.world_size:
+                raise UserError(f"engine=tpp with {self.layout.steps} steps needs {self.layout.world_size} ranks "
+                                f"({self.layout.steps} DiT ranks"
+                                f"{'' if self.layout.decode_on_last else ' + 1 decoding rank'}); torchrun started {world}")
+            if self.device.type == "cpu":
+                torch.set_num_threads(int(e.threads_per_rank))
+            try:
+                self.settings = engine_settings(cfg)
+            except ValueError as err:
+                raise UserError(str(err)) from err
+            self.dit = dit_config(cfg)
+            self.dtype = resolve_dtype(cfg.dtype)
+            self.model = load_model(cfg, self.dit, self.device, self.dtype) if self.layout.is_dit(self.rank) else None
+            self.components = Components(cfg.model, self.device)
+            self.components.check(self.dit)
+            self.audio_options = AudioFeatureOptions.from_config(cfg)
+            self.seed = int(cfg.seed)
+            self.prompt = str(cfg.prompt) if not cfg.get("prompt_embedding") else cfg.prompt_embedding
+            self.audio_encoder = self.components.audio_encoder if self.dit.has_audio and self.rank == 0 else None
+        self._started: tuple[float, float, float] | None = None   # (time, wait_s, send_s) when a request began
+
+    @property
+    def is_output(self) -> bool:
+        return self.rank == self.layout.output_rank
+
+    @property
+    def fps(self) -> float:
+        return self.components.fps
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Publish this rank's failure to the others, or turn a peer's into :class:`~liveavatar.engine.tpp.PeerFailure`."""
+        try:
+            yield
+        except BaseException as err:
+            if self.watchdog.peer_error is not None:
+                raise tpp.PeerFailure(self.watchdog.peer_error) from err
+            if not isinstance(err, UserError):  # a user error is raised alike on every rank (same inputs)
+                self.watchdog.report(err)
+            raise
+
+    @torch.no_grad()
+    def stream(self, image: str | os.PathLike | torch.Tensor, audio: Any, prompt: Any = None, *,
+               seed: int | None = None, max_seconds: float | None = None) -> AvatarStream | None:
+        """Start one request on this rank (a collective: every rank calls it with the same arguments).
+
+        Inputs as :meth:`LiveAvatarPipeline.stream` takes them (a whole waveform or a file; live chunks are for
+        ``infer.py``'s single run, where rank 0 reads them). The inputs are read and encoded on every rank before
+        the group meets, so a bad input is the same :class:`UserError` on every rank and the group stays in step.
+        Returns the decoded blocks on the output rank (consume them all: the last one meets the group again), and
+        None on the other ranks once their part is done.
+        """
+        with self.guard():
+            pixels = read_image(image, self.components.resolution)
+            wav = read_waveform(audio, max_seconds)
+            video_frames = frames_in(len(wav), self.fps)
+            if video_frames < 1:
+                raise UserError("audio: shorter than one video frame")
+            reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
+            context = prompt_context(self.prompt if prompt is None else prompt, self.components, self.dit, self.device)
+            total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
+            stage = None
+            if self.layout.is_dit(self.rank):
+                try:
+                    core = StreamCore(self.model, self.settings, (reference.shape[1], reference.shape[3],
+                                      reference.shape[4]), context, reference,
+                                      seed=self.seed if seed is None else int(seed), lanes=1)
+                    stage = tpp.DiTStage(core, self.rank, self.layout, self.channel, self.stage_options)
+                except ValueError as err:
+                    raise UserError(str(err)) from err
+            feed = None
+            if self.rank == 0:
+                feed = tpp.AudioFeed(feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit,
+                                                    self.audio_options))
+            dist.barrier()
+            self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
+            if stage is not None:
+                x0s = stage.run(feed)
+                if not self.is_output:
+                    for _ in x0s:
+                        pass
+                    self._end()
+                    return None
+            else:
+                x0s = tpp.receive_blocks(self.channel, self.layout.steps - 1)
+            blocks = self._guarded(decode_blocks(self.components.vae, x0s, video_frames))
+            return AvatarStream(blocks, self.fps, np.asarray(wav, dtype=np.float32), total, video_frames)
+
+    def _guarded(self, blocks):
+        with self.guard():
+            yield from blocks
+            self._end()
+
+    def _end(self) -> None:
+        """After a request: flush what this rank still sends, account its time, meet the group."""
+        self.channel.flush()
+        if self._started is not None:
+            start, wait, send = self._started
+            elapsed = time.perf_counter() - start
+            self.stats.compute_s += elapsed - (self.stats.wait_s - wait) - (self.stats.send_s - send)
+            self._started = None
+        dist.barrier()
+
+    def rank_stats(self) -> list[tpp.RankStats] | None:
+        """Every rank's blocks and compute / wait / send seconds so far, on the output rank (a collective)."""
+        with self.guard():
+            tpp.publish_stats(self.stats)
+            dist.barrier()
+            return tpp.collect_stats(self.layout.world_size) if self.is_output else None
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
