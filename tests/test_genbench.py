@@ -222,3 +222,21 @@ def test_tpp_scores_what_the_sequential_engine_scores_and_resumes(tmp_path, chec
     again = tpp()
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "tpp" / "cases" / "toy_987654321" / "video.mp4").stat().st_mtime_ns == stamp
+
+
+def test_a_case_too_long_to_hold_is_scored_over_its_windows_alone(tmp_path, checkpoint):
+    """Above keep_whole_gb only the windows' frames are held: the windows score exactly as when every frame is
+    held, the whole-video scores are left out, and the video is still written whole."""
+    common = [f"checkpoint={checkpoint}", "bench=toy_long", "toy_long.clips=1", "toy_long.seconds=3",
+              "toy_long.loop_seconds=1", "windows=[[0,1],[2,3]]"]
+    held = run_genbench(genbench_cfg(*common, f"out={tmp_path / 'all'}"))
+    windows = run_genbench(genbench_cfg(*common, f"out={tmp_path / 'win'}", "keep_whole_gb=1e-6"))
+    assert held["windows"].keys() == windows["windows"].keys() == {"0-1s", "2-3s"}
+    for name in held["windows"]:
+        assert windows["windows"][name] == pytest.approx(held["windows"][name], rel=1e-12)
+    assert "identity_error" in held["whole"] and "identity_error" not in windows["whole"]
+    record = json.loads(next((tmp_path / "win" / "cases").glob("*/scores.json")).read_text())
+    assert record["windows_only"] and record["frames"] == 75 and "identity_curve" not in record
+    frames, _ = media.read_video(next((tmp_path / "win" / "cases").glob("*/video.mp4")))
+    assert frames.shape[0] == 75
+    assert (tmp_path / "win" / "report.html").is_file()

@@ -7,15 +7,16 @@ window into ``results.json``, ``report.md`` and ``report.html`` (:mod:`.genbench
 - Timing per case, on the stream as a live client sees it: TTFF (Live Avatar's definition: the wait for the first
   block's audio to arrive, plus that block's denoising and decode), FPS (frames / compute seconds) and the
   real-time factor (compute seconds / seconds of video; below 1 is faster than real time).
-- Frames are kept as uint8 on the CPU for scoring (``[T, 3, H, W]``: about 0.9 MB a frame at 720x400), so a
-  10-minute real-resolution case holds ~13 GB; long real cases want ``windows`` and a machine with the memory.
+- Frames are kept as uint8 on the CPU for scoring (``[T, 3, H, W]``: about 0.9 MB a frame at 720x400). A case
+  whose frames would take more than ``keep_whole_gb`` keeps only its windows' frames and is scored over its
+  windows alone (the stress test's 10,000 s at 720x400 would need ~200 GB); its video is still written whole.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .. import atomic, media
-from ..components import SAMPLE_RATE, UserError
+from ..components import SAMPLE_RATE, UserError, frames_in
 from ..engine.tpp import PeerFailure
 from ..metrics.toy import identity_error
 from ..pipeline import LiveAvatarPipeline
-from .scoring import Scorer, parse_windows, score_case
+from .scoring import Scorer, parse_windows, score_case, window_slices
 from .suites import Case, SuiteError, case_inputs, load_manifest, toy_long_suite, toy_suite
 
 # The paper's long-horizon stress test windows (seconds).
@@ -71,33 +72,66 @@ def thin(curve: np.ndarray, points: int = CURVE_POINTS) -> list[float]:
 
 @dataclass
 class StreamedCase:
-    frames: torch.Tensor        # [3, T, H, W] float in [-1, 1] (from uint8)
+    frames: torch.Tensor | None                 # [3, T, H, W] float in [-1, 1] (from uint8); None: not all kept
     timing: dict[str, float]
+    windows: dict[str, torch.Tensor] = field(default_factory=dict)   # kept windows' frames when ``frames`` is None
+    total_frames: int = 0
 
 
-def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path) -> StreamedCase | None:
+class FrameKeeper:
+    """Keeps, as uint8, the frames scoring needs: all of them, or only those inside ``ranges`` (name -> frame slice),
+    for a video too long to hold (the stress test's 10,000 s at 720x400 would be ~200 GB)."""
+
+    def __init__(self, ranges: dict[str, slice] | None):
+        self.ranges, self.seen = ranges, 0
+        self.chunks: dict[str | None, list[torch.Tensor]] = {None: []} if ranges is None else {n: [] for n in ranges}
+
+    def add(self, frames: torch.Tensor) -> None:
+        """The next frames ``[T, 3, H, W]`` in [-1, 1] of the stream."""
+        start, self.seen = self.seen, self.seen + frames.shape[0]
+        if self.ranges is None:
+            self.chunks[None].append(media.to_uint8(frames))
+            return
+        for name, r in self.ranges.items():
+            a, b = max(r.start, start), min(r.stop, self.seen)
+            if a < b:
+                self.chunks[name].append(media.to_uint8(frames[a - start : b - start]))
+
+    @staticmethod
+    def _video(chunks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(chunks).float().div(127.5).sub(1.0).transpose(0, 1)
+
+    def result(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        if self.ranges is None:
+            return self._video(self.chunks[None]), {}
+        return None, {n: self._video(c) for n, c in self.chunks.items() if c}
+
+
+def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path,
+                keep: dict[str, slice] | None = None) -> StreamedCase | None:
     """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would.
     ``pipe``: a :class:`LiveAvatarPipeline` or, on a rank of a TPP group, a :class:`TPPPipeline` (None on the ranks
-    that do not output)."""
+    that do not output). ``keep``: hold only these frame ranges for scoring (None: every frame)."""
     fps = pipe.fps
     stream = pipe.stream(image, wav, prompt, seed=seed)
     if stream is None:
         return None
+    keeper = FrameKeeper(keep)
     start = time.perf_counter()
-    first_block_s, first_frames, chunks = None, 0, []
+    first_block_s, first_frames = None, 0
     with media.VideoWriter(video_path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer:
         for block in stream:
             if first_block_s is None:
                 first_block_s, first_frames = time.perf_counter() - start, block.frames.shape[0]
             writer.write(block.frames)
-            chunks.append(media.to_uint8(block.frames))
+            keeper.add(block.frames)
     compute = time.perf_counter() - start
-    frames = torch.cat(chunks)  # [T, 3, H, W] uint8
-    seconds = frames.shape[0] / fps
+    seconds = keeper.seen / fps
     arrival = first_frames / fps  # the first block cannot start before the audio it covers has arrived
     timing = {"ttff_s": arrival + (first_block_s or 0.0), "first_block_compute_s": first_block_s or 0.0,
-              "fps": frames.shape[0] / compute, "rtf": compute / seconds, "video_s": seconds, "compute_s": compute}
-    return StreamedCase(frames.float().div(127.5).sub(1.0).transpose(0, 1), timing)
+              "fps": keeper.seen / compute, "rtf": compute / seconds, "video_s": seconds, "compute_s": compute}
+    frames, windows = keeper.result()
+    return StreamedCase(frames, timing, windows, keeper.seen)
 
 
 def fid_features(out: Path, records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -116,24 +150,33 @@ def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg
     inputs = case_inputs(case, tuple(pipe.components.resolution), pipe.fps, loop)
     if scorer is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4")
+    keep = None
+    total = frames_in(len(inputs.wav), pipe.fps)
+    height, width = pipe.components.resolution
+    if total * 3 * height * width > float(cfg.keep_whole_gb) * 2**30:  # too long to hold: score the windows only
+        keep = {name: frames for name, frames, _ in window_slices(total, pipe.fps, windows)}
+    streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4", keep)
     if streamed is None:
         return None
     reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
         media.read_image(inputs.image, tuple(pipe.components.resolution))
     scores = score_case(scorer, streamed.frames, reference, inputs.wav, pipe.fps, inputs.truth,
-                        case.toy_seed is not None, windows)
+                        case.toy_seed is not None, windows, streamed.windows, streamed.total_frames)
     record = {"id": case.id, "tags": case.tags, "case": case.to_dict(), **scores, "timing": streamed.timing,
-              "frames": int(streamed.frames.shape[1])}
-    if scorer.video_features is not None and inputs.truth is not None:
-        generated, truth = scorer.video_features([streamed.frames, inputs.truth])
+              "frames": streamed.total_frames}
+    held = streamed.frames
+    if held is None:  # only the windows were held: the set-level features come from them
+        record["windows_only"] = True
+        held = torch.cat(list(streamed.windows.values()), dim=1) if streamed.windows else None
+    if held is not None and scorer.video_features is not None and inputs.truth is not None:
+        generated, truth = scorer.video_features([held, inputs.truth])
         record["i3d"] = {"generated": generated.tolist(), "truth": truth.tolist()}
-    if scorer.frame_features is not None and inputs.truth is not None:
+    if held is not None and scorer.frame_features is not None and inputs.truth is not None:
         # [n, 2048] per side: kept beside the scores (too many numbers for the JSON record)
-        np.savez(folder / FID_FEATURES, generated=scorer.frame_features(streamed.frames).numpy(),
+        np.savez(folder / FID_FEATURES, generated=scorer.frame_features(held).numpy(),
                  truth=scorer.frame_features(inputs.truth).numpy())
         record["inception"] = FID_FEATURES
-    if case.toy_seed is not None:
+    if case.toy_seed is not None and streamed.frames is not None:
         record["identity_curve"] = thin(np.asarray(identity_error(streamed.frames, reference)))
     atomic.write_json(folder / "scores.json", record)
     return record

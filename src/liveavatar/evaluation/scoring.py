@@ -75,11 +75,17 @@ def window_slices(frames: int, fps: float, windows: list[tuple[float, float]]) -
     return out
 
 
-def score_case(scorer: Scorer, video: torch.Tensor, reference: torch.Tensor, wav: np.ndarray, fps: float,
-               truth: torch.Tensor | None, is_toy: bool, windows: list[tuple[float, float]]) -> dict:
-    """``{"whole": {...}, "windows": {"0-10s": {...}, ...}}`` for one streamed video."""
-    result = {"whole": scorer.score(video, reference, wav, fps, truth, is_toy), "windows": {}}
-    for name, frames, samples in window_slices(video.shape[1], fps, windows):
+def score_case(scorer: Scorer, video: torch.Tensor | None, reference: torch.Tensor, wav: np.ndarray, fps: float,
+               truth: torch.Tensor | None, is_toy: bool, windows: list[tuple[float, float]],
+               window_videos: dict[str, torch.Tensor] | None = None, total_frames: int | None = None) -> dict:
+    """``{"whole": {...}, "windows": {"0-10s": {...}, ...}}`` for one streamed video ``[3, T, H, W]``; or, for a
+    video too long to hold (``video`` None), only its windows, from ``window_videos`` (name -> that window's
+    frames) of a video of ``total_frames`` frames."""
+    total = video.shape[1] if video is not None else int(total_frames)
+    result = {"whole": scorer.score(video, reference, wav, fps, truth, is_toy) if video is not None else {},
+              "windows": {}}
+    for name, frames, samples in window_slices(total, fps, windows):
+        part = video[:, frames] if video is not None else window_videos[name]
         part_truth = None if truth is None or truth.shape[1] < frames.stop else truth[:, frames]
-        result["windows"][name] = scorer.score(video[:, frames], reference, wav[samples], fps, part_truth, is_toy)
+        result["windows"][name] = scorer.score(part, reference, wav[samples], fps, part_truth, is_toy)
     return result
