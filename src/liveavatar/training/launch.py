@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,6 +158,8 @@ def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningMod
     of ``loss_key`` and ``done.json``. ``cfg`` needs ``seed``, ``run.*``, ``trainer.*``, ``logger`` and
     ``progress``; the module needs ``model`` (counted) and ``export()``."""
     route_lightning_logs()
+    # Lightning warns that a mid-epoch resume replays the epoch; ClipOrder (datamodule.py) continues it instead.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     run = RunFolder(run_dir)
     resume_from = run.prepare(cfg, resume=bool(cfg.run.resume), overwrite=bool(cfg.run.overwrite))
     L.seed_everything(int(cfg.seed) + launches(run), workers=True, verbose=False)
@@ -167,7 +170,9 @@ def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningMod
     clock = TrainClock()
     callbacks: list[Callback] = [clock, ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:07d}",
                                                         every_n_train_steps=int(cfg.run.checkpoint_every),
-                                                        save_top_k=0, save_last=True)]
+                                                        save_top_k=0, save_last=True,
+                                                        # always last.ckpt, also in a moved run folder
+                                                        enable_version_counter=False)]
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
     args = trainer_arguments(cfg)
