@@ -54,3 +54,15 @@ def test_a_path_that_is_not_a_checkpoint_is_one_line(tmp_path):
     done = run("inspect", str(tmp_path / "absent"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'absent'} does not exist"]
+
+
+def test_loading_a_checkpoint_of_another_family_is_one_line_naming_it(tmp_path):
+    import pytest
+
+    from liveavatar.models.checkpoint import CheckpointError
+
+    state = AvatarDiT(tiny_preset()).state_dict()
+    state["casual_audio_encoder.weights"] = torch.zeros(3)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="is a Wan2.2-S2V model"):
+        AvatarDiT.from_pretrained(tmp_path / "model.safetensors", config=tiny_preset())

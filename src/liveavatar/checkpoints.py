@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .models.checkpoint import CheckpointError, _checkpoint_files, diffusers_to_wan_key, is_addition
-
-# Keys that only Wan2.2-S2V's model has (its audio encoder and injector, FramePack, the condition mask).
-S2V_MARKERS = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "trainable_cond_mask.")
+from .models.checkpoint import S2V_MARKERS, CheckpointError, _checkpoint_files, diffusers_to_wan_key, is_addition
 HEAD_DIM = 128  # every Wan model's attention head width
 
 

@@ -55,6 +55,10 @@ DIFFUSERS_TO_WAN = [
 ]
 
 
+# Keys only Wan2.2-S2V's model has (its audio encoder and injector, FramePack, the condition mask).
+S2V_MARKERS = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "trainable_cond_mask.")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message lists every problem."""
 
@@ -163,6 +167,9 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
         model = AvatarDiT(config)
     expected = model.state_dict()
 
+    if any(k.startswith(S2V_MARKERS) for k in state):
+        raise CheckpointError(f"checkpoint {path} is a Wan2.2-S2V model (it has S2V's audio encoder and injector "
+                              "keys), which this model family cannot load; the S2V family is not built yet")
     problems = []
     missing = [k for k in expected if k not in state and not is_addition(k)]
     unexpected = [k for k in state if k not in expected]
