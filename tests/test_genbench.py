@@ -143,15 +143,17 @@ def test_a_sweep_ends_with_one_comparison_table(tmp_path):
 
 
 def test_compare_runs_marks_the_best_value_per_column(tmp_path):
-    for name, err, rtf in (("a", 0.2, 0.5), ("b", 0.1, 0.4)):
+    for name, err, rtf, drift in (("a", 0.2, 0.5, 0.01), ("b", 0.1, 0.4, -0.03)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({
-            "settings": {"overrides": ["x=1", f"sink={name}"]}, "whole": {"identity_error": err, "lip_sync": err},
+            "settings": {"overrides": ["x=1", f"sink={name}"]},
+            "whole": {"identity_error": err, "lip_sync": err, "identity_drift": drift},
             "timing": {"rtf": rtf}, "windows": {}}))
     table = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path)
-    # Columns sorted (identity_error, lip_sync, rtf); rows named by the override that differs; lower identity
-    # error and real-time factor are better, higher lip sync is.
-    assert "| sink=a | 0.2 | **0.2** | 0.5 |" in table and "| sink=b | **0.1** | 0.1 | **0.4** |" in table
+    # Columns sorted (identity_drift, identity_error, lip_sync, rtf); rows named by the override that differs;
+    # lower identity error and real-time factor are better, higher lip sync is, and the drift closest to zero.
+    assert "| sink=a | **0.01** | 0.2 | **0.2** | 0.5 |" in table
+    assert "| sink=b | -0.03 | **0.1** | 0.1 | **0.4** |" in table
 
 
 def test_bad_settings_are_one_line(tmp_path):

@@ -18,9 +18,10 @@ import numpy as np
 from .. import atomic
 
 TIMING = ("ttff_s", "fps", "rtf")
-# Lower is better for these (the rest: higher is better); marks the best value of a comparison column.
-LOWER_IS_BETTER = {"identity_error", "identity_drift", "colour_drift", "histogram_drift", "ttff_s", "rtf",
-                   "sync_d", "fid", "fvd"}
+# Lower is better for these, closest to zero for the signed trends and offsets (the rest: higher is better); marks
+# the best value of a comparison column.
+LOWER_IS_BETTER = {"identity_error", "colour_drift", "histogram_drift", "ttff_s", "rtf", "sync_d", "fid", "fvd"}
+CLOSEST_TO_ZERO = {"identity_drift", "colour_trend", "dino_s_trend", "sync_offset"}
 
 
 def _mean(rows: list[dict]) -> dict[str, float]:
@@ -76,8 +77,10 @@ def md_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None
         for c in columns:
             values = {n: r[c] for n, r in rows.items() if c in r}
             if values:
-                pick = min if c in LOWER_IS_BETTER else max
-                marks[c] = pick(values, key=values.get)
+                if c in CLOSEST_TO_ZERO:
+                    marks[c] = min(values, key=lambda n: abs(values[n]))
+                else:
+                    marks[c] = (min if c in LOWER_IS_BETTER else max)(values, key=values.get)
     lines = ["| | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for name, r in rows.items():
         cells = []
