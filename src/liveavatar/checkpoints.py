@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .models.checkpoint import S2V_MARKERS, CheckpointError, _checkpoint_files, diffusers_to_wan_key, is_addition
+from .models.checkpoint import (S2V_MARKERS, CheckpointError, _checkpoint_files, diffusers_to_wan_key, is_addition,
+                                read_headers)
 HEAD_DIM = 128  # every Wan model's attention head width
 
 
@@ -47,28 +48,9 @@ class Summary:
 
 def tensor_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Counter]:
     """Every tensor's shape and the count of each dtype, without reading the weights."""
-    shapes, dtypes = {}, Counter()
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(f), framework="pt") as handle:
-                    for key in handle.keys():
-                        part = handle.get_slice(key)
-                        shapes[key] = tuple(part.get_shape())
-                        dtypes[str(part.get_dtype())] += 1
-            else:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                    state = state["state_dict"]
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        shapes[key] = tuple(value.shape)
-                        dtypes[str(value.dtype).removeprefix("torch.")] += 1
-        except Exception as err:  # corrupt or foreign files: one clear line
-            raise CheckpointError(f"cannot read checkpoint file {f}: {err}") from err
-    return shapes, dtypes
+    headers = read_headers(files)
+    return ({k: shape for k, (shape, _) in headers.items()},
+            Counter(str(dtype).removeprefix("torch.") for _, dtype in headers.values()))
 
 
 def widths(shapes: dict[str, tuple[int, ...]], config: dict | None = None) -> dict[str, int | str]:

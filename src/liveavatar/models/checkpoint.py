@@ -117,36 +117,60 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict | None]:
     return files, config
 
 
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _read_file(f: Path) -> dict[str, torch.Tensor]:
+    """One weights file's tensors (a ``.pth`` memory-mapped); one clear line for a file that cannot be read."""
+    try:
+        if f.suffix == ".safetensors":
+            return load_file(str(f))
+        part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(part, dict) and "state_dict" in part and isinstance(part["state_dict"], dict):
+            part = part["state_dict"]
+        return {k: v for k, v in part.items() if isinstance(v, torch.Tensor)}
+    except Exception as err:  # corrupt or foreign files: one clear line, not a library traceback
+        raise CheckpointError(f"cannot read checkpoint file {f}: {err}") from err
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor's shape and dtype, from the safetensors headers (a ``.pth`` is memory-mapped), without reading
+    the weights."""
+    out = {}
     for f in files:
+        if f.suffix != ".safetensors":
+            out.update({k: (tuple(v.shape), v.dtype) for k, v in _read_file(f).items()})
+            continue
         try:
-            if f.suffix == ".safetensors":
-                part = load_file(str(f))
-            else:
-                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                if isinstance(part, dict) and "state_dict" in part and isinstance(part["state_dict"], dict):
-                    part = part["state_dict"]
-        except Exception as err:  # corrupt or foreign files: one clear line, not a library traceback
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    part = handle.get_slice(key)
+                    out[key] = (tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32))
+        except Exception as err:
             raise CheckpointError(f"cannot read checkpoint file {f}: {err}") from err
-        state.update(part)
-    return state
+    return out
+
+
+def _is_diffusers(raw_config: dict | None, keys) -> bool:
+    return (raw_config or {}).get("_class_name") == "WanTransformer3DModel" or any(
+        k.startswith("condition_embedder.") for k in keys)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict in Wan2.1 key names, and the config as :class:`DiTConfig` fields (None if the checkpoint has
-    no config.json)."""
+    """State dict in Wan2.1 key names (the whole of it in memory), and the config as :class:`DiTConfig` fields
+    (None if the checkpoint has no config.json)."""
     files, raw_config = _checkpoint_files(Path(path))
-    state = read_state_dict(files)
-    is_diffusers = (raw_config or {}).get("_class_name") == "WanTransformer3DModel" or any(
-        k.startswith("condition_embedder.") for k in state
-    )
-    if is_diffusers:
+    state = {}
+    for f in files:
+        state.update(_read_file(f))
+    if _is_diffusers(raw_config, state):
         state = {diffusers_to_wan_key(k): v for k, v in state.items()}
-        config = config_from_diffusers(raw_config) if raw_config else None
-    else:
-        config = raw_config
-    return state, config
+        return state, config_from_diffusers(raw_config) if raw_config else None
+    return state, raw_config
 
 
 def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dtype | None = None, device="cpu"):
@@ -155,28 +179,37 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
     ``config`` overrides the checkpoint's config.json (for example a preset with audio modules on top of a plain
     Wan checkpoint); without either, the checkpoint cannot be loaded. The built model carries the names of the
     additions it initialised in ``model.initialised_modules``.
+
+    The keys are checked from the files' headers first; then the shards are read one at a time, each converted and
+    assigned into the model (built on the meta device) before the next is read, so the host holds the model plus
+    about one shard, never the whole checkpoint twice.
     """
     from .dit import AvatarDiT
 
-    state, ckpt_config = read_checkpoint(path)
+    files, raw_config = _checkpoint_files(Path(path))
+    headers = read_headers(files)
+    diffusers = _is_diffusers(raw_config, headers)
+    rename = diffusers_to_wan_key if diffusers else (lambda k: k)
+    headers = {rename(k): v for k, v in headers.items()}
+    ckpt_config = (config_from_diffusers(raw_config) if raw_config else None) if diffusers else raw_config
     if config is None:
         if ckpt_config is None:
             raise CheckpointError(f"checkpoint {path} has no config.json; pass a model config")
         config = DiTConfig.from_dict(ckpt_config)
+    if any(k.startswith(S2V_MARKERS) for k in headers):
+        raise CheckpointError(f"checkpoint {path} is a Wan2.2-S2V model (it has S2V's audio encoder and injector "
+                              "keys), which this model family cannot load; the S2V family is not built yet")
     with torch.device("meta"):
         model = AvatarDiT(config)
     expected = model.state_dict()
 
-    if any(k.startswith(S2V_MARKERS) for k in state):
-        raise CheckpointError(f"checkpoint {path} is a Wan2.2-S2V model (it has S2V's audio encoder and injector "
-                              "keys), which this model family cannot load; the S2V family is not built yet")
     problems = []
-    missing = [k for k in expected if k not in state and not is_addition(k)]
-    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in headers and not is_addition(k)]
+    unexpected = [k for k in headers if k not in expected]
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {headers[k][0]} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        if k in headers and headers[k][0] != tuple(v.shape)
     ]
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
@@ -187,11 +220,11 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
 
-    target = dtype or next(iter(state.values())).dtype
-    state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    target = dtype or next(iter(headers.values()))[1]
+    for f in files:  # one shard at a time
+        _assign_file(model, f, rename, device, target)
 
-    absent = sorted({_module_of(k) for k in expected if k not in state})
+    absent = sorted({_module_of(k) for k in expected if k not in headers})
     if absent:
         for name in absent:
             module = model.get_submodule(name)
@@ -201,6 +234,18 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
         log.info("initialised modules absent from %s (zero output at first): %s", path, ", ".join(absent))
     model.initialised_modules = absent
     return model
+
+
+def _assign_file(model, f: Path, rename, device, dtype: torch.dtype) -> None:
+    """Read one weights file and assign its tensors into ``model``, each converted to ``device`` / ``dtype`` (float
+    tensors only) and its original released at once; nothing of the file outlives the call but the model's
+    parameters."""
+    loaded, part = _read_file(f), {}
+    for key in list(loaded):
+        tensor = loaded.pop(key)
+        part[rename(key)] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        del tensor
+    model.load_state_dict(part, strict=False, assign=True)
 
 
 def _module_of(key: str) -> str:
