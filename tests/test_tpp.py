@@ -175,3 +175,17 @@ def test_a_killed_rank_stops_the_run_in_bounded_time(tmp_path):
     # torchrun names the rank that died; the survivors leave no output under the final name.
     assert "rank      : 1" in r.stderr and "Signal 9" in r.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.distributed
+def test_tpp_takes_precomputed_prompt_embeddings(tmp_path, tiny_checkpoint, sequential_frames):
+    """``prompt_embedding=FILE`` is read as embeddings on every rank (not encoded as text), as the sequential engine
+    reads it."""
+    from conftest import tiny_preset
+
+    embedding = tmp_path / "prompt.pt"
+    torch.save(torch.randn(1, 7, tiny_preset().text_dim, generator=torch.Generator().manual_seed(4)), embedding)
+    overrides = (TWO_STEPS, "max_seconds=0.36", f"prompt_embedding={embedding}")
+    _, got = tpp_frames(tmp_path, tiny_checkpoint, *overrides)
+    np.testing.assert_array_equal(got, sequential_frames(*overrides))
+    assert (got != sequential_frames(TWO_STEPS, "max_seconds=0.36")).any()  # the embeddings change the video

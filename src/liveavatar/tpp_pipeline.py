@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,8 @@ class TPPPipeline:
             self.components.check(self.dit)
             self.audio_options = AudioFeatureOptions.from_config(cfg)
             self.seed = int(cfg.seed)
-            self.prompt = str(cfg.prompt) if not cfg.get("prompt_embedding") else cfg.prompt_embedding
+            # A path of precomputed embeddings (a Path, not text to encode), as LiveAvatarPipeline takes it.
+            self.prompt = Path(cfg.prompt_embedding) if cfg.get("prompt_embedding") else str(cfg.prompt)
             self.audio_encoder = self.components.audio_encoder if self.dit.has_audio and self.rank == 0 else None
         self._started: tuple[float, float, float] | None = None   # (time, wait_s, send_s) when a request began
 
