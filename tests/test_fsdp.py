@@ -40,7 +40,9 @@ def checkpoints(tmp_path_factory) -> list[str]:
 
 
 def run(script: str, *args: str, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
     # One thread per process: two ranks on two cores.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*launcher, str(ROOT / script), *args], cwd=ROOT, env=full_env, capture_output=True,

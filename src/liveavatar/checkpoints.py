@@ -7,16 +7,16 @@ finding out fast why a folder does not load.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from .models.checkpoint import (S2V_MARKERS, CheckpointError, _checkpoint_files, _is_diffusers, diffusers_to_wan_key,
+                                is_addition, read_headers)
 
-from .models.checkpoint import (S2V_MARKERS, CheckpointError, _checkpoint_files, diffusers_to_wan_key, is_addition,
-                                read_headers)
 HEAD_DIM = 128  # every Wan model's attention head width
 
 
@@ -37,13 +37,7 @@ class Summary:
 
     @property
     def parameters(self) -> int:
-        total = 0
-        for shape in self.shapes.values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
 
 def tensor_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Counter]:
@@ -109,7 +103,7 @@ def against_preset(shapes: dict[str, tuple[int, ...]], name: str) -> dict[str, l
 def inspect(path: str | Path, preset: str | None = None) -> Summary:
     files, config = _checkpoint_files(Path(path))
     shapes, dtypes = tensor_headers(files)
-    layout = "diffusers" if any(k.startswith("condition_embedder.") for k in shapes) else "wan"
+    layout = "diffusers" if _is_diffusers(config, shapes) else "wan"
     if layout == "diffusers":
         shapes = {diffusers_to_wan_key(k): v for k, v in shapes.items()}
     lora = sum(1 for k in shapes if "lora_A" in k or "lora_B" in k or "lora_down" in k or "lora_up" in k)

@@ -50,7 +50,8 @@ class TPPPipeline:
             if world != self.layout.world_size:
                 raise UserError(f"engine=tpp with {self.layout.steps} steps needs {self.layout.world_size} ranks "
                                 f"({self.layout.steps} DiT ranks"
-                                f"{'' if self.layout.decode_on_last else ' + 1 decoding rank'}); torchrun started {world}")
+                                f"{'' if self.layout.decode_on_last else ' + 1 decoding rank'}); "
+                                f"torchrun started {world}")
             if self.device.type == "cpu":
                 torch.set_num_threads(int(e.threads_per_rank))
             try:
@@ -79,7 +80,8 @@ class TPPPipeline:
 
     @contextlib.contextmanager
     def guard(self):
-        """Publish this rank's failure to the others, or turn a peer's into :class:`~liveavatar.engine.tpp.PeerFailure`."""
+        """Publish this rank's failure to the others, or turn a peer's into
+        :class:`~liveavatar.engine.tpp.PeerFailure`."""
         try:
             yield
         except BaseException as err:

@@ -54,7 +54,8 @@ def qalign_metric(qalign) -> callable:
 def general_metrics(paths) -> list:
     """The metrics for every case: the weight-free ones, Dino-S when ``paths.dino`` names a DINOv2 folder, Sync-C/D
     when ``paths.syncnet`` names the SyncNet weights, IQA / ASE when ``paths.qalign`` names a Q-Align folder (GPU).
-    Missing weights are one warning and the others still run. The set-level metrics are :func:`video_features` (FVD) and :func:`frame_features` (FID)."""
+    Missing weights are one warning and the others still run. The set-level metrics are :func:`video_features`
+    (FVD) and :func:`frame_features` (FID)."""
     import sys
 
     from ..metrics.weights import MissingWeights

@@ -160,19 +160,6 @@ def _is_diffusers(raw_config: dict | None, keys) -> bool:
         k.startswith("condition_embedder.") for k in keys)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict in Wan2.1 key names (the whole of it in memory), and the config as :class:`DiTConfig` fields
-    (None if the checkpoint has no config.json)."""
-    files, raw_config = _checkpoint_files(Path(path))
-    state = {}
-    for f in files:
-        state.update(_read_file(f))
-    if _is_diffusers(raw_config, state):
-        state = {diffusers_to_wan_key(k): v for k, v in state.items()}
-        return state, config_from_diffusers(raw_config) if raw_config else None
-    return state, raw_config
-
-
 def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dtype | None = None, device="cpu"):
     """Build an :class:`AvatarDiT` and load ``path`` into it (see the module doc for formats and rules).
 

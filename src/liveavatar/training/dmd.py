@@ -35,7 +35,7 @@ from .ema import ParameterEMA
 from .lora import LoraSettings, apply_lora, merged_copy
 from .roles import TeacherView, build_roles
 from .rollout import RolloutSettings, SelfForcingRollout
-from .sharding import gathered, is_sharded, local_norm, mesh_of, shard_dit
+from .sharding import gathered, local_norm, mesh_of, shard_dit
 
 # What a derived random stream is for (part of its seed).
 EXIT, NOISE, LOSS = 0, 1, 2
@@ -149,11 +149,9 @@ class DMDModule(L.LightningModule):
     def export(self) -> AvatarDiT | None:
         """The generator to save (its EMA when enabled), with plain Wan2.1 parameter names (LoRA merged). Sharded,
         it is gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
-        generator = self.generator
-        if is_sharded(generator):
-            generator = gathered(generator, self._plain_generator)
-            if generator is None:
-                return None
+        generator = gathered(self.generator, self._plain_generator)
+        if generator is None:
+            return None
         if self.ema is not None:
             generator = self.ema.copy_to(copy.deepcopy(generator))
         return merged_copy(generator) if self.lora.enabled else generator
@@ -226,17 +224,17 @@ class DMDModule(L.LightningModule):
         substep = self.settings.critic_steps_per_generator_step  # after the critic's sub-steps
         exit_step = self.exit_step(step, substep)
         rollouts = self.rollouts(batch, cond, step, substep)
-        generator = self.loss_generators(step, substep, batch["latents"].shape[0])
+        generators = self.loss_generators(step, substep, batch["latents"].shape[0])
         if not self.settings.blockwise:
             video = torch.cat([r.run(audio, exit_step)[0] for r, audio in rollouts])
-            grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generator)
+            grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generators)
             loss = self._drill("generator", step, dmd_generator_loss(video, grad))
             self._backward(loss)
             return loss.detach(), stats
         with torch.no_grad():
             runs = [r.run(audio, exit_step, keep_graph=False) for r, audio in rollouts]
         video = torch.cat([v for v, _ in runs])
-        grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generator)
+        grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generators)
         leaf = video.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._drill("generator", step, dmd_generator_loss(leaf, grad))

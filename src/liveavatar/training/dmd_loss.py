@@ -163,7 +163,8 @@ class DMDLoss:
 
     @torch.no_grad()
     def gradient(self, teacher: AvatarDiT, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
-                 generator: torch.Generator | Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 generator: torch.Generator | Sequence[torch.Generator]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DMD gradient ``[B, C, F, H, W]`` (float64) at the generated video ``x`` (detached here), re-noised at
         one drawn timestep per clip, and statistics for logging."""
         x = x.detach()

@@ -17,7 +17,7 @@ from ..engine.positions import PositionPolicy
 from ..models import AvatarDiT, DiTConfig
 from .flow_loss import FlowLossConfig, FlowMatchingLoss
 from .lora import LoraSettings, apply_lora, merged_copy
-from .sharding import gathered, is_sharded, mesh_of, shard_dit
+from .sharding import gathered, mesh_of, shard_dit
 
 STAGES = ("teacher", "diffusion_forcing")
 
@@ -94,11 +94,9 @@ class FlowMatchingModule(L.LightningModule):
     def export(self) -> AvatarDiT | None:
         """The trained DiT with plain Wan2.1 parameter names (LoRA merged), for ``save_pretrained``. Sharded, it is
         gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
-        model = self.model
-        if is_sharded(model):
-            model = gathered(model, self._plain_model)
-            if model is None:
-                return None
+        model = gathered(self.model, self._plain_model)
+        if model is None:
+            return None
         return merged_copy(model) if self.lora.enabled else model
 
     def _plain_model(self) -> AvatarDiT:

@@ -178,7 +178,8 @@ def fit(cfg: DictConfig, run_dir: Path, setup: Callable[[], tuple[L.LightningMod
     args = trainer_arguments(cfg)
     strategy = args["strategy"]
     # Single-file checkpoints are written atomically (a folder of shards is the strategy's own).
-    one_file = strategy in ("auto", "ddp") or (isinstance(strategy, FSDP2Strategy) and not strategy.distributed_checkpoint)
+    one_file = strategy in ("auto", "ddp") or (isinstance(strategy, FSDP2Strategy)
+                                               and not strategy.distributed_checkpoint)
     plugins = [AtomicCheckpointIO()] if one_file else None
     trainer = L.Trainer(**args, logger=build_loggers(cfg.logger, run.logs), callbacks=callbacks, plugins=plugins,
                         default_root_dir=str(run.path), enable_progress_bar=bool(cfg.progress),

@@ -20,11 +20,11 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from ..models.dit import AvatarDiT, DiTBlock
+from ..models.dit import AvatarDiT
 
-# Methods of sharded children that run outside their ``forward`` (see the module docstring).
-FORWARD_METHODS = {DiTBlock: ("context_kv",)}
-AUDIO_FORWARD_METHODS = ("project_grouped",)
+# Methods of sharded children that run outside their ``forward`` (see the module docstring), by child name.
+BLOCK_FORWARD_METHODS = ("context_kv",)
+CHILD_FORWARD_METHODS = {"audio_proj": ("project_grouped",)}
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -69,15 +69,14 @@ def shard_dit(model: AvatarDiT, mesh, precision: str = "32-true") -> AvatarDiT:
     policy = mixed_precision(precision)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-        for method in FORWARD_METHODS[DiTBlock]:
+        for method in BLOCK_FORWARD_METHODS:
             register_fsdp_forward_method(block, method)
     for name, child in model.named_children():
         if name == "blocks" or not any(True for _ in child.parameters()):
             continue
         fully_shard(child, mesh=mesh, mp_policy=policy)
-        if name == "audio_proj":
-            for method in AUDIO_FORWARD_METHODS:
-                register_fsdp_forward_method(child, method)
+        for method in CHILD_FORWARD_METHODS.get(name, ()):
+            register_fsdp_forward_method(child, method)
     return model
 
 
@@ -109,10 +108,13 @@ def mesh_of(module) -> object | None:
 
 
 def gathered(model: nn.Module, build) -> nn.Module | None:
-    """An unsharded copy of ``model`` on the CPU, on global rank 0 (None on the other ranks): ``build()`` makes a
-    model of the same structure, which gets the full state. A collective: every rank must call it."""
+    """``model`` itself when it is not sharded; else an unsharded copy on the CPU, on global rank 0 (None on the
+    other ranks): ``build()`` makes a model of the same structure, which gets the full state. Sharded, it is a
+    collective: every rank must call it."""
     import torch.distributed as dist
 
+    if not is_sharded(model):
+        return model
     state = full_state_dict(model)
     if dist.get_rank() != 0:
         return None

@@ -14,8 +14,9 @@ def build_strategy(spec: Any):
     """``spec`` is a name (``auto``, ``ddp``) or a mapping ``{name: fsdp|deepspeed, ...options}``.
 
     fsdp options: ``state_dict_type`` (``full``: rank 0 gathers one checkpoint file; ``sharded``: each rank writes
-    its shard into a checkpoint folder). Activation checkpointing is the model's own (``memory.gradient_checkpointing``),
-    the mixed precision follows ``trainer.precision`` (:func:`.sharding.mixed_precision`).
+    its shard into a checkpoint folder). Activation checkpointing is the model's own
+    (``memory.gradient_checkpointing``), the mixed precision follows ``trainer.precision``
+    (:func:`.sharding.mixed_precision`).
     deepspeed options: ``stage`` (2 or 3), ``offload_optimizer``, ``offload_parameters``.
     """
     if isinstance(spec, DictConfig):
