@@ -18,11 +18,12 @@ from conftest import randomise, tiny_preset
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# Two blocks of two latent frames at 8x8 latents, two layers. optim.eps=1 makes AdamW's update nearly linear in
-# the gradient (m / (sqrt(v) + 1)), so rounding differences between the runs stay rounding-sized instead of
+# Three blocks of three latent frames at 8x8 latents, through a one-block window; two layers. optim.eps=1 makes
+# AdamW's update nearly linear in the gradient (m / (sqrt(v) + 1)), so rounding differences between the runs stay rounding-sized instead of
 # being blown up to +-lr wherever a gradient is near zero (eps=1e-8 makes the first steps sign-like); the large
 # learning rates make the change from the start weights large against rounding.
-SMALL = ["model.dit.num_layers=2", "model.dit.audio_blocks=[0,1]", "model.resolution=[16,16]", "data.latent_frames=6",
+SMALL = ["model.dit.num_layers=2", "model.dit.audio_blocks=[0,1]", "model.resolution=[16,16]", "data.latent_frames=9",
+         "model.window_blocks=1",  # three blocks through a one-block window: the rollouts evict history
          "distill.steps=[1000,500]", "distill.critic_steps_per_generator_step=1", "distill.ema_decay=null",
          "optim.eps=1.0", "optim.generator_lr=1.0", "optim.critic_lr=1.0", "progress=false"]
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
