@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import DiTConfig
+from .config import DiTConfig, s2v_original_config
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,13 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
         if ckpt_config is None:
             raise CheckpointError(f"checkpoint {path} has no config.json; pass a model config")
         config = DiTConfig.from_dict(ckpt_config)
-    if any(k.startswith(S2V_MARKERS) for k in headers):
-        raise CheckpointError(f"checkpoint {path} is a Wan2.2-S2V model (it has S2V's audio encoder and injector "
-                              "keys), which this model family cannot load; the S2V family is not built yet")
+    is_s2v = any(k.startswith(S2V_MARKERS) for k in headers)
+    if is_s2v != (config.family == "s2v"):
+        found, wanted = ("a Wan2.2-S2V", "an S2V") if is_s2v else ("a Wan2.1-family", "a Wan2.1-family")
+        raise CheckpointError(
+            f"checkpoint {path} is {found} model ({'it has' if is_s2v else 'it lacks'} S2V's audio encoder and "
+            f"injector keys) but the model config is of family {config.family!r}; pick {wanted} preset "
+            f"({'model=wan2.2-s2v-14b or model=liveavatar-14b' if is_s2v else 'model=wan2.1-14b, wan2.1-1.3b, ...'})")
     with torch.device("meta"):
         model = AvatarDiT(config)
     expected = model.state_dict()
@@ -270,7 +274,10 @@ def save_dit(model, path: str | Path, max_shard_bytes: int | None = None) -> Non
         shards[-1][key] = tensor
         size += nbytes
 
-    config = {"_class_name": "WanModel", "model_type": "t2v", **model.config.to_dict()}
+    if model.config.family == "s2v":  # the original's own config, so its code can build this checkpoint's model
+        config = s2v_original_config(model.config)
+    else:
+        config = {"_class_name": "WanModel", "model_type": "t2v", **model.config.to_dict()}
     written: list[tuple[Path, Path]] = []
 
     def stage(name: str) -> Path:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REFERENCE_MODES = ("none", "sink", "concat")
+FAMILIES = ("wan", "s2v")
 
 
 @dataclass
@@ -13,7 +14,9 @@ class DiTConfig:
     """Architecture of :class:`~liveavatar.models.dit.AvatarDiT`.
 
     The first block of fields is Wan2.1's ``WanModel`` config (same names, so a Wan2.1 ``config.json`` reads
-    directly). The rest are this project's additions; zero or ``"none"`` turns them off.
+    directly). The rest are this project's additions; zero or ``"none"`` turns them off. ``family="s2v"`` swaps the
+    audio modules for Wan2.2-S2V's (:mod:`liveavatar.models.s2v`; an original S2V ``config.json`` reads through
+    :meth:`from_dict`).
     """
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -51,9 +54,36 @@ class DiTConfig:
     audio_modulation: bool = False
     video_frames_per_latent: int = 4
 
+    # Model family: "wan" (Wan2.1-style blocks: T2V, TI2V; audio through audio_proj and per-block audio_attn) or
+    # "s2v" (Wan2.2-S2V: audio through casual_audio_encoder and audio_injector after the audio_blocks, the
+    # reference as zero-timestep sink tokens, a token-type embedding, a pose condition and FramePack motion).
+    family: str = "wan"
+    # s2v: local audio tokens per latent frame (plus one learned padding token), and whether the audio injection
+    # normalises the video tokens adaptively from a global audio embedding (the original's enable_adain).
+    audio_tokens: int = 4
+    audio_adaptive_norm: bool = False
+    # s2v: channels of the pose condition latent patch-embedded onto the clip tokens (0: none).
+    cond_dim: int = 0
+    # s2v: FramePack encoding of clean motion latents before the clip (frame_packer), and its drop mode.
+    framepack: bool = False
+    framepack_drop_mode: str = "padd"
+    # s2v: video frames of motion context the original places before a clip; its audio encoder sees that many
+    # copies of the first audio frame before the clip's audio (the original's motion_frames[0]).
+    motion_video_frames: int = 73
+
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.audio_blocks = [int(b) for b in self.audio_blocks]
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "s2v":
+            if self.reference != "sink":
+                raise ValueError("the s2v family takes the reference as sink tokens (model.reference=sink)")
+            if self.audio_dim not in (0, self.dim):
+                raise ValueError(f"s2v audio tokens have the model width: model.audio_dim must be {self.dim}")
+            self.audio_dim = self.dim
+            if self.motion_video_frames % self.video_frames_per_latent != 1:
+                raise ValueError("model.motion_video_frames must be 1 + a multiple of video_frames_per_latent")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"model.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.dim % self.num_heads:
@@ -74,9 +104,17 @@ class DiTConfig:
     def has_audio(self) -> bool:
         return self.audio_dim > 0
 
+    @property
+    def motion_latent_frames(self) -> int:
+        """s2v: latent frames of :attr:`motion_video_frames` (the first alone, then ``video_frames_per_latent``)."""
+        return 1 + (self.motion_video_frames - 1) // self.video_frames_per_latent
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DiTConfig":
-        """Build from a dict, ignoring keys that are not fields (``_class_name``, ``model_type``, ...)."""
+        """Build from a dict, ignoring keys that are not fields (``_class_name``, ...). An original Wan2.2-S2V
+        config (``model_type: s2v``) is translated to this project's field names."""
+        if values.get("model_type") == "s2v" and "family" not in values:
+            values = s2v_fields(values)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -84,3 +122,45 @@ class DiTConfig:
         out = dataclasses.asdict(self)
         out["patch_size"] = list(self.patch_size)
         return out
+
+
+def s2v_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """An original ``WanModel_S2V`` config (Wan2.2 ``wan/modules/s2v/model_s2v.py`` arguments) -> DiTConfig fields.
+    The original's ``audio_dim`` is the wav2vec2 width (ours: ``audio_feature_dim``); its reference sits at RoPE
+    time position 30 whatever the clip; its audio encoder mixes 25 wav2vec2 hidden states."""
+    if values.get("enable_motioner"):
+        raise ValueError("Wan2.2-S2V with the transformer motioner (enable_motioner) is not supported; "
+                         "the released S2V-14B uses FramePack (enable_framepack)")
+    if not values.get("zero_timestep", True):
+        raise ValueError("Wan2.2-S2V without zero_timestep is not supported (the reference is a t=0 sink here)")
+    if values.get("adain_mode", "attn_norm") != "attn_norm":
+        raise ValueError(f"Wan2.2-S2V adain_mode {values['adain_mode']!r} is not supported (only attn_norm)")
+    out = {k: v for k, v in values.items() if k not in ("audio_dim", "motion_frames")}
+    motion = values.get("motion_frames", 73)
+    out.update(
+        family="s2v", reference="sink", reference_position=30, audio_dim=values.get("dim", 2048),
+        audio_feature_dim=values.get("audio_dim", 5120), audio_layers_in=25,
+        audio_blocks=list(values.get("audio_inject_layers", [0, 4, 8, 12, 16, 20, 24, 27])),
+        audio_tokens=values.get("num_audio_token", 4), audio_adaptive_norm=bool(values.get("enable_adain", False)),
+        cond_dim=values.get("cond_dim", 0), framepack=bool(values.get("enable_framepack", False)),
+        framepack_drop_mode=values.get("framepack_drop_mode", "drop"),
+        motion_video_frames=motion[0] if isinstance(motion, (list, tuple)) else motion,
+    )
+    return out
+
+
+def s2v_original_config(cfg: DiTConfig) -> dict[str, Any]:
+    """The inverse of :func:`s2v_fields`: the arguments of the original ``WanModel_S2V`` for ``cfg`` (written as
+    config.json, so the original code can build the model of a checkpoint saved here)."""
+    return {
+        "_class_name": "WanModel_S2V", "model_type": "s2v", "patch_size": list(cfg.patch_size),
+        "text_len": cfg.text_len, "in_dim": cfg.in_dim, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_dim, "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers, "qk_norm": cfg.qk_norm, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps,
+        "cond_dim": cfg.cond_dim, "audio_dim": cfg.audio_feature_dim, "num_audio_token": cfg.audio_tokens,
+        "enable_adain": cfg.audio_adaptive_norm, "adain_mode": "attn_norm", "audio_inject_layers": cfg.audio_blocks,
+        "zero_timestep": True, "enable_motioner": False, "enable_framepack": cfg.framepack,
+        "framepack_drop_mode": cfg.framepack_drop_mode, "motion_frames": cfg.motion_video_frames,
+        # the rest of the DiTConfig, so that a checkpoint written here reloads with nothing lost
+        "frames_per_block": cfg.frames_per_block, "rope_theta": cfg.rope_theta,
+    }

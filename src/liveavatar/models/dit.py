@@ -27,8 +27,9 @@ from ..devices import autocast_disabled
 from .attention import AudioCrossAttention, CrossAttention, FP32LayerNorm, RMSNorm, SelfAttention, attend
 from .audio import AudioProjection
 from .config import DiTConfig
-from .layout import sequence_attention
-from .rope import RotaryTable
+from .layout import SequenceAttention, sequence_attention
+from .rope import RotaryTable, grid_angles
+from .s2v import TOKEN_TYPES, AudioInjector, FramePacker, S2VAudioEncoder
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -57,16 +58,22 @@ class TextKV:
     per_block: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with one ``shift``/``scale`` ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]``."""
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int,
+             segments: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with one ``shift``/``scale`` ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]``
+    (equal frames), or per segment: ``segments`` ``[L]`` gives each token its row of ``shift``/``scale``."""
     b, n, d = x.shape
+    if segments is not None:
+        return (x.float() * (1 + scale[:, segments]) + shift[:, segments]).type_as(x)
     xf = x.float().reshape(b, frames, n // frames, d)
     return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(b, n, d).type_as(x)
 
 
-def gate(x: torch.Tensor, g: torch.Tensor, frames: int) -> torch.Tensor:
-    """``x * g`` with one gate ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]`` (float32)."""
+def gate(x: torch.Tensor, g: torch.Tensor, frames: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * g`` with one gate ``[B, frames, dim]`` per frame of ``x`` ``[B, L, dim]`` (float32), or per segment."""
     b, n, d = x.shape
+    if segments is not None:
+        return x.float() * g[:, segments]
     return (x.float().reshape(b, frames, n // frames, d) * g[:, :, None]).reshape(b, n, d)
 
 
@@ -85,7 +92,7 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
         self.audio_attn = (
             AudioCrossAttention(cfg.dim, cfg.num_heads, cfg.audio_dim, cfg.eps)
-            if cfg.has_audio and index in cfg.audio_blocks
+            if cfg.has_audio and cfg.family == "wan" and index in cfg.audio_blocks
             else None
         )
 
@@ -97,11 +104,13 @@ class DiTBlock(nn.Module):
         attention: SelfAttentionFn,
         audio: torch.Tensor | None = None,
         audio_offset: int = 0,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             x: ``[B, L, dim]`` tokens of ``F`` frames (``L = F * T``).
-            e: ``[B, F, 6, dim]`` per-frame time modulation (float32).
+            e: ``[B, F, 6, dim]`` per-frame time modulation (float32); with ``segments`` ``[L]`` (frames of unequal
+                size: FramePack motion) token ``i`` takes row ``segments[i]``.
             context: ``[B, S, dim]`` embedded text, or its precomputed keys and values (:class:`TextKV`).
             attention: computes self-attention from un-rotated ``q, k, v`` (full sequence or KV cache).
             audio: ``[B, F_audio, A, audio_dim]`` audio tokens of the last ``F_audio`` frames of ``x``
@@ -109,9 +118,9 @@ class DiTBlock(nn.Module):
         """
         frames = e.shape[1]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float()[:, None] + e).unbind(2)
-        q, k, v = self.self_attn.project(modulate(self.norm1(x), shift_sa, scale_sa, frames))
+        q, k, v = self.self_attn.project(modulate(self.norm1(x), shift_sa, scale_sa, frames, segments))
         y = self.self_attn.o(attention(self.index, q, k, v))
-        x = x + gate(y, gate_sa, frames).type_as(x)
+        x = x + gate(y, gate_sa, frames, segments).type_as(x)
         if isinstance(context, TextKV):
             x = x + self.cross_attn(self.norm3(x), kv=context.per_block[self.index])
         else:
@@ -119,8 +128,8 @@ class DiTBlock(nn.Module):
         if self.audio_attn is not None and audio is not None:
             video = x[:, audio_offset:]
             x = torch.cat([x[:, :audio_offset], video + self.audio_attn(video, audio, audio.shape[1])], dim=1)
-        y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff, frames))
-        return x + gate(y, gate_ff, frames).type_as(x)
+        y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff, frames, segments))
+        return x + gate(y, gate_ff, frames, segments).type_as(x)
 
     def context_kv(self, context: torch.Tensor):
         """Cross-attention keys and values of embedded text ``[B, S, dim]``, computed once per stream (a method of
@@ -159,10 +168,24 @@ class AvatarDiT(nn.Module):
             # Adding a second patch embedding of the reference equals concatenating it on channels; it starts
             # at zero so that a plain Wan checkpoint behaves exactly as before.
             self.ref_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.audio_proj = AudioProjection(cfg) if cfg.has_audio else None
-        self.audio_modulation = nn.Linear(cfg.audio_dim, cfg.dim) if cfg.has_audio and cfg.audio_modulation else None
+        wan_audio = cfg.has_audio and cfg.family == "wan"
+        self.audio_proj = AudioProjection(cfg) if wan_audio else None
+        self.audio_modulation = nn.Linear(cfg.audio_dim, cfg.dim) if wan_audio and cfg.audio_modulation else None
+        if cfg.family == "s2v":
+            self._build_s2v(cfg)
         self.gradient_checkpointing = False
         self._init_weights()
+
+    def _build_s2v(self, cfg: DiTConfig) -> None:
+        """Wan2.2-S2V's modules, under the original names (see :mod:`liveavatar.models.s2v`)."""
+        if cfg.cond_dim:
+            self.cond_encoder = nn.Conv3d(cfg.cond_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.casual_audio_encoder = S2VAudioEncoder(cfg.audio_feature_dim, cfg.audio_layers_in, cfg.dim,
+                                                    cfg.audio_tokens, cfg.audio_adaptive_norm)
+        self.audio_injector = AudioInjector(cfg.dim, cfg.num_heads, cfg.audio_blocks, cfg.audio_adaptive_norm, cfg.eps)
+        self.trainable_cond_mask = nn.Embedding(len(TOKEN_TYPES), cfg.dim)
+        if cfg.framepack:
+            self.frame_packer = FramePacker(cfg.in_dim, cfg.dim, cfg.patch_size, cfg.framepack_drop_mode)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
@@ -178,6 +201,13 @@ class AvatarDiT(nn.Module):
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        if self.config.family == "s2v":  # as the original's zero_init: the conditioning paths start silent
+            zeros = [self.trainable_cond_mask.weight, getattr(self, "cond_encoder", None)]
+            zeros += [attn.o for attn in self.audio_injector.injector]
+            zeros += [norm.linear for norm in getattr(self.audio_injector, "injector_adain_layers", [])]
+            for item in zeros:
+                for p in ([item] if isinstance(item, nn.Parameter) else item.parameters() if item is not None else []):
+                    nn.init.zeros_(p)
         for name, module in self.named_modules():
             if name in ("audio_proj", "ref_embedding", "audio_modulation") or name.endswith(".audio_attn"):
                 self.init_addition(name, module)
@@ -224,20 +254,49 @@ class AvatarDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {ph}x{pw}")
         return h // ph, w // pw
 
-    def embed_video(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_video(self, x: torch.Tensor, reference: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[B, C, F, H, W]`` -> tokens ``[B, F * h * w, dim]``; with ``reference="concat"`` the reference
-        ``[B, C, 1, H, W]`` is added to every frame."""
+        ``[B, C, 1, H, W]`` is added to every frame. s2v: the pose condition latent ``cond`` ``[B, cond_dim, F, H, W]``
+        is embedded and added (None: an all-zero condition, which leaves the embedding's bias), and so is the clip's
+        token-type embedding."""
         self.token_grid(x.shape[-2:])
         if self.config.patch_size[0] != 1:
             raise NotImplementedError("temporal patching (patch_size[0] > 1) is not supported by the streaming DiT")
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         if self.config.reference == "concat" and reference is not None:
             tokens = tokens + self.ref_embedding(reference[:, :, :1].to(tokens.dtype))
-        return tokens.flatten(2).transpose(1, 2)
+        if hasattr(self, "cond_encoder"):
+            if cond is None:  # one patch of zeros: the embedding's bias (called as a module, so a sharded one gathers)
+                _, ph, pw = self.config.patch_size
+                zero = tokens.new_zeros(1, self.config.cond_dim, 1, ph, pw, dtype=self.cond_encoder.weight.dtype)
+                tokens = tokens + self.cond_encoder(zero).to(tokens.dtype)
+            else:
+                tokens = tokens + self.cond_encoder(cond.to(tokens.dtype))
+        tokens = tokens.flatten(2).transpose(1, 2)
+        return self._typed(tokens, "clip")
 
     def embed_reference(self, reference: torch.Tensor) -> torch.Tensor:
         """Sink tokens ``[B, R * h * w, dim]`` of the reference latent ``[B, C, R, H, W]``."""
-        return self.patch_embedding(reference.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = self.patch_embedding(reference.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        return self._typed(tokens, "reference")
+
+    def embed_motion(self, motion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s2v FramePack: clean motion latents ``[B, C, K, H, W]`` (before the clip) -> tokens ``[B, M, dim]`` and their
+        RoPE angles ``[M, head_dim / 2]``."""
+        if not hasattr(self, "frame_packer"):
+            raise ValueError("this model has no FramePack motion encoder (model.framepack is off)")
+        tokens = self.frame_packer(motion.to(self.patch_embedding.weight.dtype))
+        angles = self.frame_packer.angles(motion.shape[-2:], self.config.head_dim, self.config.rope_theta,
+                                          device=motion.device)
+        return self._typed(tokens, "motion"), angles
+
+    def _typed(self, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+        """s2v: add the token-type embedding (clip, reference or motion) to ``[B, L, dim]`` tokens."""
+        if not hasattr(self, "trainable_cond_mask"):
+            return tokens
+        kind = torch.full((1, 1), TOKEN_TYPES[kind], dtype=torch.long, device=tokens.device)
+        return tokens + self.trainable_cond_mask(kind).to(tokens.dtype)
 
     def time_modulation(self, t: torch.Tensor, audio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` ``[B, F]`` -> time embedding ``[B, F, dim]`` (for the head) and block modulation ``[B, F, 6, dim]``,
@@ -271,7 +330,17 @@ class AvatarDiT(nn.Module):
     def embed_audio(self, features: torch.Tensor, latent_frames: int | None = None) -> torch.Tensor:
         """Audio encoder features -> tokens ``[B, F, A, audio_dim]``. ``features`` are per video frame from the
         clip's first frame ``[B, video_frames, layers, feat]``, or already grouped by latent frame
-        ``[B, F, per_latent, layers, feat]`` (a slice of a longer video)."""
+        ``[B, F, per_latent, layers, feat]`` (a slice of a longer video).
+
+        s2v: ``[B, video_frames_per_latent * F, layers, feat]``, the clip's frames (its latent frames hold
+        ``video_frames_per_latent`` video frames each: the original places motion frames before the clip); the
+        encoder sees ``motion_video_frames`` copies of the first frame before them, as the original does.
+        """
+        if self.config.family == "s2v":
+            pad = features[:, :1].expand(-1, self.config.motion_video_frames, *features.shape[2:])
+            tokens = self.casual_audio_encoder(torch.cat([pad, features], dim=1))
+            tokens = tokens[:, self.config.motion_latent_frames:]
+            return tokens if latent_frames is None else tokens[:, :latent_frames]
         if self.audio_proj is None:
             raise ValueError("this model has no audio modules (model.audio_dim = 0)")
         if features.dim() == 5:
@@ -286,14 +355,24 @@ class AvatarDiT(nn.Module):
         out = out.reshape(b, frames, h, w, pt, ph, pw, self.config.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, frames * pt, h * ph, w * pw)
 
-    def run_blocks(self, x, e6, context, attention: SelfAttentionFn, audio=None, audio_offset: int = 0):
-        """All blocks in order. With ``gradient_checkpointing`` set and gradients on, each block's activations
-        are recomputed in the backward pass instead of kept (memory of one block instead of all)."""
+    def run_blocks(self, x, e6, context, attention: SelfAttentionFn, audio=None, audio_offset: int = 0,
+                   segments: torch.Tensor | None = None):
+        """All blocks in order (s2v: each followed by its audio injection). With ``gradient_checkpointing`` set and
+        gradients on, each block's activations are recomputed in the backward pass instead of kept (memory of one
+        block instead of all)."""
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = recompute_in_backward(block, x, e6, context, attention, audio, audio_offset, use_reentrant=False)
+                x = recompute_in_backward(self._block, block, x, e6, context, attention, audio, audio_offset,
+                                          segments, use_reentrant=False)
             else:
-                x = block(x, e6, context, attention, audio, audio_offset)
+                x = self._block(block, x, e6, context, attention, audio, audio_offset, segments)
+        return x
+
+    def _block(self, block, x, e6, context, attention, audio, audio_offset, segments):
+        x = block(x, e6, context, attention, audio, audio_offset, segments)
+        injector = getattr(self, "audio_injector", None)
+        if injector is not None and audio is not None and block.index in injector.slot:
+            x = injector(block.index, x, audio, audio_offset)
         return x
 
     # ---------------------------------------------------------------------------------------- full forward
@@ -310,6 +389,8 @@ class AvatarDiT(nn.Module):
         window_blocks: int | None = None,
         motion: torch.Tensor | None = None,
         motion_t: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        motion_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Full-sequence forward (training, and the reference for the streaming engine).
 
@@ -331,6 +412,9 @@ class AvatarDiT(nn.Module):
                 at positions ``frame_pos[..., 0] - K .. frame_pos[..., 0] - 1``. Every clip frame sees them (whatever
                 the window); they see the sink and each other, not the clip, and get no audio.
             motion_t: ``[B]`` or ``[B, K]`` their timesteps (required with ``motion``).
+            cond: s2v: ``[B, cond_dim, F, H, W]`` pose condition latent (None: all zero).
+            motion_latents: s2v, bidirectional: ``[B, C, K, H, W]`` clean latents before the clip, FramePack-encoded
+                (:meth:`embed_motion`); with them every token sees every token, as in the original S2V forward.
         Returns:
             ``[B, out_dim, F, H, W]`` predicted velocity (float32).
         """
@@ -356,7 +440,11 @@ class AvatarDiT(nn.Module):
             frame_pos = torch.cat([before, frame_pos], dim=-1)
             x, t = torch.cat([motion.to(x.dtype), x], dim=2), torch.cat([motion_t.to(t.dtype), t], dim=1)
 
-        tokens = self.embed_video(x, reference)
+        if cfg.family == "s2v" and not causal:
+            return self._forward_s2v(x, t, context, audio, reference, frame_pos, reference_pos, cond, motion_latents)
+        if motion_latents is not None:
+            raise ValueError("FramePack motion latents need an s2v model and the bidirectional forward")
+        tokens = self.embed_video(x, reference, cond)
         sink_frames = 0
         if cfg.reference == "sink" and reference is not None:
             sink_frames = reference.shape[2]
@@ -376,7 +464,46 @@ class AvatarDiT(nn.Module):
                                        window_blocks if causal else None, k)
         before_clip = (sink_frames + k) * h * w  # the sink's and the motion frames' tokens: no audio, no output
         out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, before_clip)
-        out = self.head(out, e)[:, before_clip:]
+        out = self.head(out[:, before_clip:], e[:, -frames:])
+        return self.unpatchify(out.float(), frames, (hh, ww))
+
+    def _forward_s2v(self, x, t, context, audio, reference, frame_pos, reference_pos, cond, motion_latents):
+        """The bidirectional s2v forward (the original ``WanModel_S2V.forward``): every token (reference, FramePack
+        motion, clip) sees every token; reference and motion tokens carry timestep 0. ``t`` ``[B, F]``."""
+        cfg = self.config
+        b, _, frames, hh, ww = x.shape
+        h, w = self.token_grid((hh, ww))
+        if reference is None:
+            raise ValueError("the s2v family needs a reference latent")
+        r = reference.shape[2]
+        if reference_pos is None:
+            reference_pos = torch.arange(r, device=x.device) + cfg.reference_position
+        if frame_pos is None:
+            frame_pos = torch.arange(frames, device=x.device)
+        if frame_pos.dim() != 1 or reference_pos.dim() != 1:
+            raise ValueError("the bidirectional s2v forward takes one position list for the whole batch")
+        tokens = [self.embed_reference(reference), self.embed_video(x, None, cond)]
+        angles = [grid_angles(reference_pos.to(x.device), h, w, cfg.head_dim, cfg.rope_theta),
+                  grid_angles(frame_pos.to(x.device), h, w, cfg.head_dim, cfg.rope_theta)]
+        t_rows = torch.cat([t.new_zeros(b, r), t], dim=1)
+        segments = None
+        if motion_latents is not None:
+            motion_tokens, motion_angles = self.embed_motion(motion_latents)
+            tokens.insert(1, motion_tokens)
+            angles.insert(1, motion_angles)
+            # The motion tokens (t = 0) form one extra modulation row after the reference's frames.
+            t_rows = torch.cat([t.new_zeros(b, r + 1), t], dim=1)
+            per_frame = torch.arange(r + 1 + frames, device=x.device)
+            sizes = torch.tensor([h * w] * r + [motion_tokens.shape[1]] + [h * w] * frames, device=x.device)
+            segments = per_frame.repeat_interleave(sizes)
+        tokens = torch.cat(tokens, dim=1)
+        rope = RotaryTable(torch.cat(angles))
+        audio_tokens = self.embed_audio(audio, frames) if audio is not None else None
+        e, e6 = self.time_modulation(t_rows)
+        before_clip = tokens.shape[1] - frames * h * w
+        out = self.run_blocks(tokens, e6, self.embed_text(context), SequenceAttention(rope, rope), audio_tokens,
+                              before_clip, segments)
+        out = self.head(out[:, before_clip:], e[:, -frames:])
         return self.unpatchify(out.float(), frames, (hh, ww))
 
     def num_parameters(self, base_only: bool = False) -> int:
