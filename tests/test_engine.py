@@ -44,12 +44,15 @@ def run(engine_cls, setup, n_blocks, seed=3, **kw):
 
 
 def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks, seed=3, shift=5.0,
-                          rolling_offset=FPB, rapr_distance=10):
+                          rolling_offset=FPB, rapr_distance=10, audio_upto=None):
     """Block-by-block sampling where every forward is the full-sequence causal forward over the whole video so
     far (no cache): the history blocks at their cached noise level, then the current block; the window is the
-    attention mask's, and each block's sink sits where the papers' formulas put it."""
+    attention mask's, and each block's sink sits where the papers' formulas put it. ``audio_upto(n)`` gives the
+    forward's audio for the first ``n`` blocks (default: this module's grouped features)."""
     model, context, reference = setup
-    grouped, _ = audio_blocks(n_blocks)
+    if audio_upto is None:
+        grouped, _ = audio_blocks(n_blocks)
+        audio_upto = lambda n: grouped[:, : FPB * n]  # noqa: E731
     flow = FlowSchedule(shift)
     ts = flow.warp(steps)
     shape = (1, 4, FPB, 4, 4)
@@ -69,7 +72,7 @@ def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks
             seq = torch.cat(past + [x], dim=2)
             tt = torch.cat([torch.full((1, FPB * b), float(t_past)), torch.full((1, FPB), float(t))], dim=1)
             with torch.no_grad():
-                v = model(seq, tt, context, audio=grouped[:, : FPB * (b + 1)], causal=True, reference=reference,
+                v = model(seq, tt, context, audio=audio_upto(b + 1), causal=True, reference=reference,
                           reference_pos=sink_pos, window_blocks=window_blocks)[:, :, -FPB:]
             x0 = flow.x0_from_velocity(x, v, t.reshape(1))
             if s + 1 < len(ts):

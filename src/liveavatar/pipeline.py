@@ -31,7 +31,7 @@ from .components import SAMPLE_RATE, Components, UserError, frames_in, resolve_d
 from .engine.batch import StreamBatchEngine
 from .engine.stream import EngineSettings, SequentialEngine, StreamCore
 from .models import AvatarDiT, DiTConfig
-from .models.audio import blocks_for, split_into_blocks
+from .models.audio import blocks_for, split_into_blocks, split_video_frames
 from .models.audio_stream import StreamingAudioFeatures
 from .models.checkpoint import CheckpointError
 from .models.text import load_precomputed
@@ -190,6 +190,12 @@ def feature_blocks(extractor, wav: np.ndarray, video_frames: int, fps: float, di
     fpb, per_latent = dit.frames_per_block, dit.video_frames_per_latent
     if not dit.has_audio:
         return iter([None] * blocks_for(video_frames, fpb, per_latent))
+    if dit.family == "s2v":
+        if options.streaming:
+            raise UserError("audio_features.streaming=true is not available for the s2v family yet (its audio "
+                            "blocks are whole video-frame slices); use the whole-file features")
+        return iter(split_video_frames(extractor(wav, video_frames), fpb, per_latent,
+                                       blocks_for(video_frames, fpb, per_latent)))
     if not options.streaming:
         return iter(split_into_blocks(extractor(wav, video_frames), fpb, per_latent))
     stream = StreamingAudioFeatures(extractor, fps, fpb, per_latent, options.lookback_s, SAMPLE_RATE)

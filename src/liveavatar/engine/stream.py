@@ -301,10 +301,11 @@ class StreamCore:
                                starts if write else None)
 
     def audio_tokens(self, grouped: torch.Tensor | None) -> torch.Tensor | None:
-        """Grouped block features ``[1, F, per_latent, layers, feat]`` -> tokens ``[1, F, per_latent, audio_dim]``."""
-        if grouped is None or self.model.audio_proj is None:
+        """One block's audio input (:meth:`AvatarDiT.audio_block_inputs`: grouped features
+        ``[1, F, per_latent, layers, feat]``, or an s2v window) -> tokens ``[1, F, A, audio_dim]``."""
+        if grouped is None or not self.model.config.has_audio:
             return None
-        return self.model.audio_proj.project_grouped(grouped.to(self.device))
+        return self.model.embed_audio_block(grouped.to(self.device))
 
     def step_output(self, x: torch.Tensor, v: torch.Tensor, step: int) -> torch.Tensor:
         """Clean estimate ``x0`` from the velocity at step ``step`` (``[n, ...]``, one step for all)."""

@@ -70,6 +70,21 @@ def split_into_blocks(features: torch.Tensor, frames_per_block: int, per_latent:
     return [grouped[:, b * frames_per_block : (b + 1) * frames_per_block] for b in range(blocks)]
 
 
+def split_video_frames(features: torch.Tensor, frames_per_block: int, per_latent: int = 4,
+                       blocks: int | None = None) -> list[torch.Tensor]:
+    """Per-video-frame features ``[B, V, ...]`` -> ``[B, per_latent * frames_per_block, ...]`` per block: block ``b``
+    takes video frames ``per_latent * frames_per_block * b`` onwards (latent frame ``j`` <-> video frames
+    ``per_latent * j .. per_latent * j + per_latent - 1``, as Wan2.2-S2V and Live Avatar's release pair them);
+    missing trailing frames repeat the last one. ``blocks`` defaults to the blocks that hold all ``V`` frames."""
+    v = features.shape[1]
+    if v == 0:
+        raise ValueError("no audio features to split")
+    size = per_latent * frames_per_block
+    blocks = math.ceil(v / size) if blocks is None else blocks
+    index = torch.arange(blocks * size, device=features.device).clamp(max=v - 1)
+    return list(features.index_select(1, index).split(size, dim=1))
+
+
 def _as_waveform(waveform: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Any 1-D audio -> float32 ``[samples]`` on ``device`` (a tensor already there is not copied)."""
     if not isinstance(waveform, torch.Tensor):

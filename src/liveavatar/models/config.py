@@ -82,6 +82,8 @@ class DiTConfig:
             if self.audio_dim not in (0, self.dim):
                 raise ValueError(f"s2v audio tokens have the model width: model.audio_dim must be {self.dim}")
             self.audio_dim = self.dim
+            if self.video_frames_per_latent != 4:
+                raise ValueError("the s2v audio encoder downsamples 4x in time: model.video_frames_per_latent must be 4")
             if self.motion_video_frames % self.video_frames_per_latent != 1:
                 raise ValueError("model.motion_video_frames must be 1 + a multiple of video_frames_per_latent")
         if self.reference not in REFERENCE_MODES:
@@ -138,8 +140,9 @@ def s2v_fields(values: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in values.items() if k not in ("audio_dim", "motion_frames")}
     motion = values.get("motion_frames", 73)
     out.update(
-        family="s2v", reference="sink", reference_position=30, audio_dim=values.get("dim", 2048),
-        audio_feature_dim=values.get("audio_dim", 5120), audio_layers_in=25,
+        family="s2v", reference="sink", reference_position=values.get("reference_position", 30),
+        audio_dim=values.get("dim", 2048), audio_feature_dim=values.get("audio_dim", 5120),
+        audio_layers_in=values.get("audio_layers_in", 25),
         audio_blocks=list(values.get("audio_inject_layers", [0, 4, 8, 12, 16, 20, 24, 27])),
         audio_tokens=values.get("num_audio_token", 4), audio_adaptive_norm=bool(values.get("enable_adain", False)),
         cond_dim=values.get("cond_dim", 0), framepack=bool(values.get("enable_framepack", False)),
@@ -162,5 +165,6 @@ def s2v_original_config(cfg: DiTConfig) -> dict[str, Any]:
         "zero_timestep": True, "enable_motioner": False, "enable_framepack": cfg.framepack,
         "framepack_drop_mode": cfg.framepack_drop_mode, "motion_frames": cfg.motion_video_frames,
         # the rest of the DiTConfig, so that a checkpoint written here reloads with nothing lost
-        "frames_per_block": cfg.frames_per_block, "rope_theta": cfg.rope_theta,
+        "frames_per_block": cfg.frames_per_block, "rope_theta": cfg.rope_theta, "audio_layers_in": cfg.audio_layers_in,
+        "reference_position": cfg.reference_position,
     }

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from ..devices import autocast_disabled
 from .attention import AudioCrossAttention, CrossAttention, FP32LayerNorm, RMSNorm, SelfAttention, attend
-from .audio import AudioProjection
+from .audio import AudioProjection, split_into_blocks, split_video_frames
 from .config import DiTConfig
 from .layout import SequenceAttention, sequence_attention
 from .rope import RotaryTable, grid_angles
@@ -347,6 +347,25 @@ class AvatarDiT(nn.Module):
             return self.audio_proj.project_grouped(features)
         return self.audio_proj(features, latent_frames)
 
+    def audio_block_inputs(self, features: torch.Tensor, blocks: int | None = None) -> list[torch.Tensor]:
+        """Per-video-frame audio features of a whole stream ``[B, V, layers, feat]`` -> one input per block of
+        ``frames_per_block`` latent frames, for :meth:`embed_audio_block`: grouped by latent frame
+        ``[B, F, per_latent, layers, feat]`` (wan), or the block's video frames ``[B, per_latent * F, layers, feat]``
+        (s2v: each block's audio is encoded on its own, as Live Avatar's release does)."""
+        cfg = self.config
+        if cfg.family == "s2v":
+            return split_video_frames(features, cfg.frames_per_block, cfg.video_frames_per_latent, blocks)
+        grouped = split_into_blocks(features, cfg.frames_per_block, cfg.video_frames_per_latent)
+        return grouped if blocks is None else grouped[:blocks]
+
+    def embed_audio_block(self, block_input: torch.Tensor) -> torch.Tensor:
+        """One block's audio input (:meth:`audio_block_inputs`) -> tokens ``[B, F, A, audio_dim]``."""
+        if self.config.family == "s2v":
+            return self.embed_audio(block_input)
+        if self.audio_proj is None:
+            raise ValueError("this model has no audio modules (model.audio_dim = 0)")
+        return self.audio_proj.project_grouped(block_input)
+
     def unpatchify(self, out: torch.Tensor, frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Head output ``[B, F * h * w, out_dim * pt * ph * pw]`` -> ``[B, out_dim, F, H, W]``."""
         pt, ph, pw = self.config.patch_size
@@ -457,7 +476,12 @@ class AvatarDiT(nn.Module):
 
         if audio is not None and audio.shape[0] != b:
             raise ValueError(f"audio features for {audio.shape[0]} clips do not fit a batch of {b}")
-        audio_tokens = self.embed_audio(audio, frames) if audio is not None else None
+        audio_tokens = None
+        if audio is not None and cfg.family == "s2v":  # each block's audio encoded on its own, as when streaming
+            audio_tokens = torch.cat([self.embed_audio_block(a) for a in self.audio_block_inputs(
+                audio, math.ceil(frames / cfg.frames_per_block))], dim=1)[:, :frames]
+        elif audio is not None:
+            audio_tokens = self.embed_audio(audio, frames)
         e, e6 = self.time_modulation(t, audio_tokens)
         attention = sequence_attention(frame_pos.to(x.device), None if reference_pos is None else reference_pos.to(x.device),
                                        (h, w), cfg.head_dim, cfg.rope_theta, causal, cfg.frames_per_block,

@@ -20,10 +20,17 @@ def preset_names() -> list[str]:
 
 def preset_config(name: str) -> dict:
     """The whole preset ``name`` as a plain dict (``dit``, ``resolution``, ``vae``, ...)."""
+    return OmegaConf.to_container(_load(name), resolve=True)
+
+
+def _load(name: str):
+    """A preset with its ``defaults`` (other presets it extends, as Hydra composes them) merged under it."""
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"model preset {name!r} not found; presets: {', '.join(preset_names())}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    own = OmegaConf.load(path)
+    bases = [_load(str(base)) for base in own.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, own)
 
 
 def from_preset(name: str, device: str | torch.device = "meta", **overrides) -> AvatarDiT:

@@ -32,9 +32,6 @@ TOKEN_TYPES = {"clip": 0, "reference": 1, "motion": 2}
 # Latent frames of each FramePack bucket, nearest first, and the spatial (and temporal) compression of each.
 FRAMEPACK_BUCKETS = (1, 2, 16)
 FRAMEPACK_FACTORS = (1, 2, 4)
-# The receptive field of the audio encoder's three causal convolutions (kernel 3; strides 1, 2, 2), in latent
-# frames: an output needs the inputs of the 2 latent frames before its own.
-AUDIO_CONTEXT_LATENTS = 2
 
 
 def _silu_norm(x: torch.Tensor) -> torch.Tensor:
