@@ -6,6 +6,7 @@ below 1e-6; the original repositories cannot be vendored into CI). Here the inde
 original's key list (``data/wan22_s2v_tiny_keys.json``, produced by that script's import of the original code) and
 the full-sequence forward.
 """
+import copy
 import json
 from pathlib import Path
 
@@ -118,3 +119,56 @@ def test_s2v_streams_equal_the_full_sequence_causal_forward(setup, policy):
     core = StreamCore(model, EngineSettings(**kw), LATENT, context, reference, seed=3)
     batched = torch.cat([x for _, x in StreamBatchEngine(core).stream(model.audio_block_inputs(feats))], dim=2)
     torch.testing.assert_close(batched, got, rtol=1e-5, atol=1e-6)
+
+
+TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]  # Live Avatar's lora_target_modules
+
+
+def test_released_lora_merges_to_what_peft_computes(tmp_path, setup):
+    # A LoRA over the S2V module names saved as peft saves it (base_model.model.<module>.lora_A.weight), and once
+    # more with the adapter name in the keys (how Live Avatar's loader expects them): merged here, the model must
+    # compute what peft computes with the adapters unmerged.
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    from liveavatar.models.lora import merge_lora
+
+    model, context, reference = setup
+    adapted = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    state = peft.get_peft_model_state_dict(adapted)
+    assert len(state) == 2 * (3 * 10 + 2 * 4)  # every block's attention and FFN, and each audio injector
+    (tmp_path / "peft").mkdir()
+    save_file(state, tmp_path / "peft" / "liveavatar.safetensors")
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in state.items()}, tmp_path / "named.safetensors")
+
+    x, t, audio = torch.randn(1, 4, FPB, 8, 8), torch.tensor([300.0]), features(1)
+    ref = reference.repeat(1, 1, 1, 2, 2)
+    with torch.no_grad():
+        want = adapted.get_base_model()(x, t, context, audio=audio, reference=ref)
+        before = model(x, t, context, audio=audio, reference=ref)
+        for source in (tmp_path / "peft", tmp_path / "named.safetensors"):
+            merged = copy.deepcopy(model)
+            assert merge_lora(merged, source, alpha=2) == {"modules": 38, "rank": 4}
+            torch.testing.assert_close(merged(x, t, context, audio=audio, reference=ref), want, rtol=1e-4, atol=1e-5)
+    assert (want - before).abs().max() > 1e-2  # the LoRA changes the output: the comparison compares something
+
+
+def test_a_lora_that_does_not_fit_is_one_error_and_changes_nothing(tmp_path, setup):
+    from safetensors.torch import save_file
+
+    from liveavatar.models.lora import merge_lora
+
+    model = copy.deepcopy(setup[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.ones(2, 48), "blocks.0.self_attn.q.lora_B.weight": torch.ones(48, 2),
+               "blocks.9.self_attn.q.lora_A.weight": torch.ones(2, 48), "blocks.9.self_attn.q.lora_B.weight": torch.ones(48, 2),
+               "blocks.1.ffn.0.lora_A.weight": torch.ones(2, 64), "blocks.1.ffn.0.lora_B.weight": torch.ones(96, 2)},
+              tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit the base model: modules not in the base model \(1\): "
+                                              r"blocks\.9\.self_attn\.q; shape mismatches \(1\): blocks\.1\.ffn\.0"):
+        merge_lora(model, tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -34,6 +34,7 @@ from .models import AvatarDiT, DiTConfig
 from .models.audio import blocks_for, split_into_blocks, split_video_frames
 from .models.audio_stream import StreamingAudioFeatures
 from .models.checkpoint import CheckpointError
+from .models.lora import merge_lora
 from .models.text import load_precomputed
 
 ENGINES = ("sequential", "stream_batch")  # one device; tpp runs under torchrun (liveavatar.inference.run_tpp)
@@ -85,6 +86,13 @@ def load_model(cfg: DictConfig, preset: DiTConfig, device: torch.device, dtype: 
              "its output is noise")
         torch.manual_seed(cfg.seed)
         model = AvatarDiT(preset).to(device=device, dtype=dtype)
+    if cfg.get("lora"):
+        alpha = (cfg.model.get("lora") or {}).get("alpha")
+        try:
+            merged = merge_lora(model, cfg.lora, alpha=alpha, strength=float(cfg.get("lora_strength", 1.0)))
+        except CheckpointError as err:
+            raise UserError(f"lora={cfg.lora}: {err} (model={cfg.model.name})") from err
+        print(f"lora={cfg.lora}: merged into {merged['modules']} linear layers (rank {merged['rank']})")
     return model.eval().requires_grad_(False)
 
 
