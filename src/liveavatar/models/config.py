@@ -7,6 +7,8 @@ from typing import Any
 
 REFERENCE_MODES = ("none", "sink", "concat")
 FAMILIES = ("wan", "s2v")
+# The original S2V audio encoder mixes every hidden state of wav2vec2-large: its 24 layers' and the input's.
+ORIGINAL_S2V_AUDIO_LAYERS = 24 + 1
 
 
 @dataclass
@@ -129,7 +131,7 @@ class DiTConfig:
 def s2v_fields(values: dict[str, Any]) -> dict[str, Any]:
     """An original ``WanModel_S2V`` config (Wan2.2 ``wan/modules/s2v/model_s2v.py`` arguments) -> DiTConfig fields.
     The original's ``audio_dim`` is the wav2vec2 width (ours: ``audio_feature_dim``); its reference sits at RoPE
-    time position 30 whatever the clip; its audio encoder mixes 25 wav2vec2 hidden states."""
+    time position 30 whatever the clip; its audio encoder mixes all wav2vec2-large hidden states."""
     if values.get("enable_motioner"):
         raise ValueError("Wan2.2-S2V with the transformer motioner (enable_motioner) is not supported; "
                          "the released S2V-14B uses FramePack (enable_framepack)")
@@ -142,7 +144,7 @@ def s2v_fields(values: dict[str, Any]) -> dict[str, Any]:
     out.update(
         family="s2v", reference="sink", reference_position=values.get("reference_position", 30),
         audio_dim=values.get("dim", 2048), audio_feature_dim=values.get("audio_dim", 5120),
-        audio_layers_in=values.get("audio_layers_in", 25),
+        audio_layers_in=values.get("audio_layers_in", ORIGINAL_S2V_AUDIO_LAYERS),
         audio_blocks=list(values.get("audio_inject_layers", [0, 4, 8, 12, 16, 20, 24, 27])),
         audio_tokens=values.get("num_audio_token", 4), audio_adaptive_norm=bool(values.get("enable_adain", False)),
         cond_dim=values.get("cond_dim", 0), framepack=bool(values.get("enable_framepack", False)),
