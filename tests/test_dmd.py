@@ -294,7 +294,8 @@ def meta_batch(dit, clips: int = 2, frames: int = 6) -> dict:
     meta = torch.device("meta")
     return {"latents": torch.zeros(clips, dit.in_dim, frames, 8, 8, device=meta),
             "reference": torch.zeros(clips, dit.in_dim, 1, 8, 8, device=meta),
-            "audio": torch.zeros(clips, frames, dit.audio_layers_in, dit.audio_feature_dim, device=meta),
+            "audio": torch.zeros(clips, frames * dit.video_frames_per_latent, dit.audio_layers_in, dit.audio_feature_dim,
+                                 device=meta),
             "text": torch.zeros(clips, dit.text_len, dit.text_dim, device=meta)}
 
 
@@ -314,6 +315,25 @@ def test_one_generator_and_critic_step_on_the_meta_device(blockwise):
     loss, _ = module.generator_backward(batch, cond, 0)
     assert loss.device == meta and loss.dtype == torch.float64
     assert all(p.grad is not None and p.grad.device == meta for p in module.generator.blocks[0].parameters())
+
+
+@pytest.mark.meta
+def test_the_s2v_family_distills_on_the_meta_device():
+    # Stage 2 on a Wan2.2-S2V model: the rollout streams each block's audio through the S2V encoder and injector,
+    # the teacher and critic take the clip's audio paired 4 video frames per latent frame.
+    cfg = compose_distill(*SMALL, "model=tiny-s2v", "model.dit.audio_blocks=[0,1]")
+    module = build_dmd_module(cfg)
+    with torch.device("meta"):
+        module.configure_model()
+    assert module.dit_config.family == "s2v"
+    batch = meta_batch(module.dit_config)
+    cond = module.conditions(batch)
+    assert cond.audio.shape[1:3] == (6, 4)  # latent frames, video frames each
+    module.critic_loss(batch, cond, 0, 0).backward()
+    assert all(p.grad is not None for p in module.critic.audio_injector.parameters())
+    module.generator_backward(batch, cond, 0)
+    for part in (module.generator.casual_audio_encoder, module.generator.audio_injector):
+        assert all(p.grad is not None and p.grad.device.type == "meta" for p in part.parameters())
 
 
 @pytest.mark.meta

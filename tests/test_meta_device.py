@@ -24,8 +24,10 @@ META = torch.device("meta")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def tiny_preset() -> DiTConfig:
-    return DiTConfig.from_dict(OmegaConf.to_container(OmegaConf.load("conf/model/tiny.yaml").dit))
+def tiny_preset(name: str = "tiny") -> DiTConfig:
+    from liveavatar.models.presets import preset_config
+
+    return DiTConfig.from_dict(preset_config(name)["dit"])
 
 
 def meta_model(dtype, **overrides) -> AvatarDiT:
@@ -101,12 +103,15 @@ def test_streaming_vae_decode_on_the_device(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("stage", ["teacher", "diffusion_forcing"])
-def test_one_training_step_on_the_device(stage, dtype):
-    cfg = tiny_preset()
+@pytest.mark.parametrize("preset", ["tiny", "tiny-s2v"])
+def test_one_training_step_on_the_device(stage, dtype, preset):
+    cfg = tiny_preset(preset)
     with META:
         model = AvatarDiT(cfg).to(dtype).train()
     model.gradient_checkpointing = stage == "teacher"  # both paths: recomputed and stored activations
-    positions = PositionPolicy("rapr", cfg.frames_per_block, 3, max_distance=5, train_shift=10)
+    # (rapr caps the distance to a reference behind the clip; the s2v reference sits ahead, at position 30)
+    positions = PositionPolicy("rolling" if cfg.family == "s2v" else "rapr", cfg.frames_per_block, 3,
+                               reference_position=cfg.reference_position, max_distance=5, train_shift=10)
     loss_fn = FlowMatchingLoss(FlowLossConfig(), causal=stage == "diffusion_forcing",
                                frames_per_block=cfg.frames_per_block, positions=positions)
     frames = 2 * cfg.frames_per_block
@@ -123,6 +128,9 @@ def test_one_training_step_on_the_device(stage, dtype):
     assert loss.device == META and loss.shape == ()
     loss.backward()
     assert all(p.grad is not None and p.grad.device == META for p in model.blocks[0].parameters())
+    if cfg.family == "s2v":  # the audio reaches the loss through the S2V encoder and injector
+        for module in (model.casual_audio_encoder, model.audio_injector, model.trainable_cond_mask):
+            assert all(p.grad is not None and p.grad.device == META for p in module.parameters())
     optimizer.step()
 
 

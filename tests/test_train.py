@@ -270,7 +270,8 @@ def test_experiments_compose_and_the_14b_recipe_is_bf16_fsdp_lora():
     assert df.init_from == "outputs/train/toy_teacher/model"
     assert df.data.latent_frames % df.model.dit.frames_per_block == 0
     big = compose_train("experiment=liveavatar_14b_df", "init_from=/ckpt", "data.path=/shards")
-    assert big.model.name == "wan2.1-14b" and big.trainer.precision == "bf16-true"
+    assert big.model.name == "liveavatar-14b" and big.model.dit.family == "s2v"  # from the S2V base, as the paper
+    assert big.trainer.precision == "bf16-true"
     assert big.trainer.strategy.name == "fsdp" and big.memory.gradient_checkpointing
     assert big.lora.rank > 0 and big.data.kind == "shards"
     for zero in ("deepspeed_zero2", "deepspeed_zero3"):

@@ -57,6 +57,25 @@ def group_by_latent_frame(features: torch.Tensor, latent_frames: int, per_latent
     return grouped.reshape(features.shape[0], latent_frames, per_latent, *features.shape[2:])
 
 
+def group_by_video_frames(features: torch.Tensor, latent_frames: int, per_latent: int = 4) -> torch.Tensor:
+    """Per-video-frame features ``[B, V, ...]`` -> ``[B, latent_frames, per_latent, ...]`` with latent frame ``j`` holding
+    video frames ``per_latent * j .. per_latent * j + per_latent - 1`` (the s2v pairing, :func:`split_video_frames`);
+    missing trailing frames repeat the last one."""
+    v = features.shape[1]
+    if v == 0:
+        raise ValueError("no audio features to group")
+    index = torch.arange(latent_frames * per_latent, device=features.device).clamp(max=v - 1)
+    return features.index_select(1, index).unflatten(1, (latent_frames, per_latent))
+
+
+def group_for_family(features: torch.Tensor, latent_frames: int, per_latent: int, family: str) -> torch.Tensor:
+    """A clip's per-video-frame features ``[B, V, ...]`` -> ``[B, latent_frames, per_latent, ...]`` as the model family
+    pairs video and latent frames (``wan``: :func:`group_by_latent_frame`; ``s2v``: :func:`group_by_video_frames`),
+    so that slicing latent frames slices the audio with them."""
+    group = group_by_video_frames if family == "s2v" else group_by_latent_frame
+    return group(features, latent_frames, per_latent)
+
+
 def blocks_for(video_frames: int, frames_per_block: int, per_latent: int = 4) -> int:
     """Blocks of ``frames_per_block`` latent frames needed to cover ``video_frames`` (the last one padded)."""
     return math.ceil(latent_frames_for(video_frames, per_latent) / frames_per_block)

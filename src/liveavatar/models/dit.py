@@ -337,6 +337,8 @@ class AvatarDiT(nn.Module):
         encoder sees ``motion_video_frames`` copies of the first frame before them, as the original does.
         """
         if self.config.family == "s2v":
+            if features.dim() == 5:  # grouped by latent frame (group_audio): the video frames in order
+                features = features.flatten(1, 2)
             pad = features[:, :1].expand(-1, self.config.motion_video_frames, *features.shape[2:])
             tokens = self.casual_audio_encoder(torch.cat([pad, features], dim=1))
             tokens = tokens[:, self.config.motion_latent_frames:]
@@ -354,6 +356,7 @@ class AvatarDiT(nn.Module):
         (s2v: each block's audio is encoded on its own, as Live Avatar's release does)."""
         cfg = self.config
         if cfg.family == "s2v":
+            features = features.flatten(1, 2) if features.dim() == 5 else features
             return split_video_frames(features, cfg.frames_per_block, cfg.video_frames_per_latent, blocks)
         grouped = split_into_blocks(features, cfg.frames_per_block, cfg.video_frames_per_latent)
         return grouped if blocks is None else grouped[:blocks]

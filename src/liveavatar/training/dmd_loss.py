@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.flow import FlowSchedule
-from ..models.audio import group_by_latent_frame
+from ..models.audio import group_for_family
 from ..models.dit import AvatarDiT
 
 
@@ -80,7 +80,7 @@ def batch_conditions(batch: dict, config) -> Conditions:
                          f"{config.frames_per_block}")
     audio = batch.get("audio") if config.has_audio else None
     if audio is not None:
-        audio = group_by_latent_frame(audio, frames, config.video_frames_per_latent)
+        audio = group_for_family(audio, frames, config.video_frames_per_latent, config.family)
     reference = batch.get("reference") if config.reference != "none" else None
     return Conditions(batch["text"], audio, reference)
 
@@ -141,7 +141,7 @@ class DMDLoss:
     def velocity(model: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
         """Bidirectional full-sequence velocity ``[B, C, F, H, W]`` (float32) of ``model`` at ``xt``, ``t [B]``."""
         dtype = next(model.parameters()).dtype
-        audio = None if cond.audio is None or model.audio_proj is None else cond.audio.to(dtype)
+        audio = None if cond.audio is None or not model.config.has_audio else cond.audio.to(dtype)
         reference = None if cond.reference is None else cond.reference.to(dtype)
         return model(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=False, reference=reference)
 

@@ -122,7 +122,7 @@ class FlowMatchingLoss:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device) if generator is not None \
             else torch.randn_like(x0)
         xt = self.flow.add_noise(x0, noise, t)
-        audio = batch.get("audio") if model.audio_proj is not None else None
+        audio = batch.get("audio") if model.config.has_audio else None
         text, audio = self.drop_conditions(batch["text"].float(), audio, generator)
         dtype = next(model.parameters()).dtype
         placement = {}

@@ -6,6 +6,7 @@ pretrained weights, so they are trained in full next to the adapters.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import zlib
 from dataclasses import dataclass, field
 
@@ -22,10 +23,13 @@ class LoraSettings:
     rank: int = 0
     alpha: float | None = None           # default: equal to the rank (scale 1)
     dropout: float = 0.0
-    # Linear layers by name suffix: attention projections and the feed-forward of every block.
+    # Linear layers by name suffix (``*`` matches anything): attention projections and the feed-forward of every
+    # block, and the s2v family's audio injection (Live Avatar's released LoRA adapts all of them).
     targets: list[str] = field(default_factory=lambda: ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                                                          "cross_attn.q", "cross_attn.k", "cross_attn.v",
-                                                         "cross_attn.o", "ffn.0", "ffn.2"])
+                                                         "cross_attn.o", "ffn.0", "ffn.2",
+                                                         "audio_injector.injector.*.q", "audio_injector.injector.*.k",
+                                                         "audio_injector.injector.*.v", "audio_injector.injector.*.o"])
 
     @property
     def enabled(self) -> bool:
@@ -49,7 +53,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "de
     teacher's weights): training the additions in full would change that role too."""
     peft = _require_peft()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
-             any(n.endswith(t) for t in settings.targets) and not is_addition(n)]
+             any(fnmatch.fnmatchcase(n, "*" + t) for t in settings.targets) and not is_addition(n)]
     if not names:
         raise ValueError(f"lora.targets={list(settings.targets)} match no linear layer of the model")
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,

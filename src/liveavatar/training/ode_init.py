@@ -92,7 +92,7 @@ def ode_regression_loss(student: AvatarDiT, states: torch.Tensor, target: torch.
         frame_pos, sink_pos = positions.training_positions(b, frames, generator, device)
         placement = dict(frame_pos=frame_pos, reference_pos=sink_pos[..., None], window_blocks=positions.window_blocks)
     dtype = next(student.parameters()).dtype
-    audio = None if cond.audio is None or student.audio_proj is None else cond.audio.to(dtype)
+    audio = None if cond.audio is None or not student.config.has_audio else cond.audio.to(dtype)
     reference = None if cond.reference is None else cond.reference.to(dtype)
     v = student(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=True, reference=reference, **placement)
     x0 = flow.x0_from_velocity(xt, v.float(), t)
