@@ -1,7 +1,7 @@
 """The Wan2.2-S2V family: the original's parameter names and count, checkpoints in the original layout, and the
 family streamed through the engines against the full-sequence causal forward.
 
-The forward itself is compared with the original code by ``scripts/compare_original_s2v.py`` (relative error
+The forward itself is compared with the original code by ``scripts/compare_original.py`` (relative error
 below 1e-6; the original repositories cannot be vendored into CI). Here the independent references are the
 original's key list (``data/wan22_s2v_tiny_keys.json``, produced by that script's import of the original code) and
 the full-sequence forward.

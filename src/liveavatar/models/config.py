@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-REFERENCE_MODES = ("none", "sink", "concat")
+REFERENCE_MODES = ("none", "sink", "concat", "first_frame")
 FAMILIES = ("wan", "s2v")
 # The original S2V audio encoder mixes every hidden state of wav2vec2-large: its 24 layers' and the input's.
 ORIGINAL_S2V_AUDIO_LAYERS = 24 + 1
@@ -39,7 +39,8 @@ class DiTConfig:
     # Streaming: latent frames per causal block (attention is bidirectional inside a block, causal between).
     frames_per_block: int = 3
     # Reference image conditioning: "sink" prepends its tokens, "concat" adds it on channels to every frame
-    # (a zero-initialised second patch embedding: the same as Wan's i2v channel concatenation), "none".
+    # (a zero-initialised second patch embedding: the same as Wan's i2v channel concatenation), "first_frame"
+    # replaces the clip's first latent frame by it at timestep 0 (Wan2.2-TI2V's text-image-to-video), "none".
     reference: str = "sink"
     # Where training puts the reference's RoPE time position, relative to a clip's first frame (-1: just before
     # it). Position policies (engine, Stage 1/2 training) keep offsets relative to it.

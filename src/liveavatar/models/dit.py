@@ -43,6 +43,15 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
 
 
+def first_frame_condition(x: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan2.2-TI2V's text-image-to-video conditioning: the clip's first latent frame becomes the image latent, clean
+    (timestep 0), the rest stays as it is. ``x`` ``[B, C, F, H, W]``, ``t`` ``[B, F]``, ``image`` ``[B, C, 1+, H, W]``
+    (its first frame is used); returns the new ``x`` and ``t``."""
+    x = torch.cat([image[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+    t = torch.cat([torch.zeros_like(t[:, :1]), t[:, 1:]], dim=1)
+    return x, t
+
+
 class SelfAttentionFn(Protocol):
     """How a block's self-attention is computed: given the block index and un-rotated ``q, k, v``
     ``[B, L, H, D]``, return ``[B, L, H * D]`` (before the output projection)."""
@@ -423,7 +432,8 @@ class AvatarDiT(nn.Module):
             audio: ``[B, video_frames, layers, feat]`` audio encoder features of the clip
                 (``video_frames = 1 + 4 (F - 1)`` for Wan's VAE), or grouped ``[B, F, per_latent, layers, feat]``.
             causal: block-causal attention over blocks of ``frames_per_block`` latent frames.
-            reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says).
+            reference: ``[B, C, R, H, W]`` reference latent (used as the config's ``reference`` mode says; with
+                ``first_frame`` it is the clean first latent frame, and the output's first frame is meaningless).
             frame_pos: ``[F]`` or ``[B, F]`` RoPE time positions of the frames (default ``K..K+F-1``: the stream
                 starts with the ``K`` motion frames, if any).
             reference_pos: RoPE time positions of the sink frames: ``[R]`` or ``[B, R]`` (default: the config's
@@ -447,6 +457,8 @@ class AvatarDiT(nn.Module):
             t = t[:, None].expand(b, frames)
         if t.shape != (b, frames):
             raise ValueError(f"timesteps of shape {tuple(t.shape)} do not fit a batch of {b} clips of {frames} frames")
+        if cfg.reference == "first_frame" and reference is not None:
+            x, t = first_frame_condition(x, t, reference)
         k = 0 if motion is None else motion.shape[2]
         if frame_pos is None:
             frame_pos = torch.arange(k, k + frames, device=x.device)

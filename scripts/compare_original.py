@@ -1,17 +1,19 @@
-"""Check this project's Wan2.2-S2V family against the original code (not run in CI: the original repositories
+"""Check this project's Wan2.2 families against the original code (not run in CI: the original repositories
 cannot be vendored).
 
-Given a checkout of Wan-Video/Wan2.2 (and optionally of Alibaba-Quark/LiveAvatar), this builds a tiny
-``WanModel_S2V`` there with random weights, saves it with the original code in the original layout (sharded
-safetensors + index + config.json), loads that folder here strictly, and compares forwards on the same inputs:
+Given a checkout of Wan-Video/Wan2.2, this builds tiny models there with random weights, saves them with the
+original code in the original layout (sharded safetensors + index + config.json), loads those folders here
+strictly, and compares forwards on the same inputs:
 
-- bidirectional, with FramePack motion frames, a pose condition and audio (the original ``WanModel_S2V.forward``);
-- bidirectional with the motion frames dropped (the original's first clip);
+- S2V (``WanModel_S2V``), bidirectional, with FramePack motion frames, a pose condition and audio;
+- S2V with the motion frames dropped (the original's first clip);
+- TI2V (``WanModel``, ``model_type="ti2v"``, 48 latent channels as the 5B): the first latent frame replaced by the
+  image latent at timestep 0, per-token timesteps as ``textimage2video.py`` builds them (``reference=first_frame``);
 
 and prints one line per comparison with the relative error ``max |ours - original| / max |original|``, then one
 JSON object. Exit status 1 when an error reaches ``--tolerance`` (default 1e-4).
 
-    python scripts/compare_original_s2v.py --wan22 /path/to/Wan2.2 [--device cuda]
+    python scripts/compare_original.py --wan22 /path/to/Wan2.2 [--device cuda]
 
 The original code calls flash-attention; here it is replaced by PyTorch's scaled-dot-product attention (every
 sequence in these inputs is full length, so ``k_lens`` masks nothing). Everything runs in float32.
@@ -75,6 +77,42 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
 
 
+def compare_ti2v(args, avatar_dit) -> float:
+    """A tiny original TI2V ``WanModel`` against ours with ``reference=first_frame``; returns the relative error."""
+    from liveavatar.models import DiTConfig
+
+    original = sys.modules["wan.modules.model"]
+    tiny = dict(model_type="ti2v", patch_size=(1, 2, 2), text_len=16, in_dim=48, dim=96, ffn_dim=192, freq_dim=256,
+                out_dim=48, num_heads=4, num_layers=3)
+    torch.manual_seed(args.seed + 2)
+    theirs = original.WanModel(**tiny).eval()
+    randomise(theirs)
+    theirs = theirs.to(args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder, max_shard_size="200KB", safe_serialization=True)
+        config = DiTConfig.from_dict({**json.loads((Path(folder) / "config.json").read_text()),
+                                      "reference": "first_frame"})
+        ours = avatar_dit.from_pretrained(folder, config=config).to(args.device).eval()
+    g = torch.Generator().manual_seed(args.seed + 3)
+    frames, hh, ww = 3, 8, 12
+    noise = torch.randn(48, frames, hh, ww, generator=g).to(args.device)
+    image = torch.randn(48, 1, hh, ww, generator=g).to(args.device)
+    context = torch.randn(5, 4096, generator=g).to(args.device)
+    t = 611.0
+    # textimage2video.py: mask 0 on the first frame, the latent's first frame is the image, per-token timesteps
+    mask = torch.ones_like(noise)
+    mask[:, 0] = 0
+    latent = (1 - mask) * image + mask * noise
+    seq_len = frames * (hh // 2) * (ww // 2)
+    per_token = (mask[0][:, ::2, ::2] * t).flatten()[None]
+    with torch.no_grad():
+        want = theirs([latent], t=per_token, context=[context], seq_len=seq_len)[0]
+        got = ours(noise[None], torch.tensor([t], device=args.device), context[None], reference=image[None])[0]
+    error = relative_error(got[:, 1:], want[:, 1:])  # the first frame's output is discarded by both samplers
+    print(f"ti2v, first-frame conditioning: relative error {error:.2e} (output scale {float(want.abs().max()):.3g})")
+    return error
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wan22", type=Path, required=True, help="a checkout of Wan-Video/Wan2.2")
@@ -114,6 +152,7 @@ def main(argv=None) -> int:
                        motion_latents=None if drop else motion[None])[0]
             results[name] = relative_error(got, want)
             print(f"{name}: relative error {results[name]:.2e} (output scale {float(want.abs().max()):.3g})")
+    results["ti2v, first-frame conditioning"] = compare_ti2v(args, AvatarDiT)
     worst = max(results.values())
     print(json.dumps({"errors": results, "worst": worst, "tolerance": args.tolerance}))
     return 0 if worst < args.tolerance else 1
