@@ -79,6 +79,15 @@ def test_original_layout_round_trip_is_strict_and_exact(tmp_path, setup):
                      motion_latents=motion)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+    # inspect: the family, its injector layers, and a clean fit against an S2V preset of these widths.
+    from liveavatar.checkpoints import inspect, table
+
+    summary = inspect(tmp_path / "s2v", preset="tiny-s2v")
+    assert summary.family == "wan2.2-s2v" and summary.widths["audio blocks"] == 2
+    # every key is an S2V key the preset knows; only the widths (48 vs 64, 3 vs 4 layers) differ
+    assert not summary.problems["unexpected"] and summary.problems["other shape"]
+    assert "plain Wan2.2-S2V checkpoint" in table(summary)
+
     # A Wan2.1 config over it, or a shard gone: one line each.
     with pytest.raises(CheckpointError, match="is a Wan2.2-S2V model.*family 'wan'"):
         AvatarDiT.from_pretrained(tmp_path / "s2v", config=s2v_config(family="wan", audio_dim=16))

@@ -58,7 +58,8 @@ def widths(shapes: dict[str, tuple[int, ...]], config: dict | None = None) -> di
     return {"dim": model_dim, "in_dim": dim("patch_embedding.weight", 1), "ffn_dim": dim("blocks.0.ffn.0.weight", 0),
             "text_dim": dim("text_embedding.0.weight", 1), "num_layers": len(layers) if layers else "?",
             "num_heads": _heads(config, model_dim),
-            "audio blocks": len({k.split(".")[1] for k in shapes if ".audio_attn." in k})}
+            "audio blocks": len({k.split(".")[1] for k in shapes if ".audio_attn." in k})
+            or len({k.split(".")[2] for k in shapes if k.startswith("audio_injector.injector.")})}
 
 
 def _heads(config: dict | None, model_dim) -> int | str:
@@ -127,7 +128,8 @@ def table(s: Summary) -> str:
     rows += [(k, str(v)) for k, v in s.widths.items()]
     additions = sorted({k.split(".")[0] if not k.startswith("blocks.") else "blocks.N." + k.split(".")[2]
                         for k in s.shapes if is_addition(k)})
-    rows.append(("project additions", ", ".join(additions) if additions else "none (a plain Wan checkpoint)"))
+    plain = "none (a plain Wan2.2-S2V checkpoint)" if s.family == "wan2.2-s2v" else "none (a plain Wan checkpoint)"
+    rows.append(("project additions", ", ".join(additions) if additions else plain))
     if s.preset is None:
         rows.append(("preset", "no preset has these widths (pass --preset NAME to compare)"))
     else:
