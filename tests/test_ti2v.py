@@ -81,3 +81,38 @@ def test_tiny_ti2v_checkpoint_streams_with_streamavatar_settings_through_every_e
     # The preset's Reference Sink + first block is what streamed: the plain reference sink gives other frames.
     _, reference_only = infer_ti2v(tiny_ti2v_files, tmp_path / "ref.mp4", "engine.keep_first_block=false")
     assert np.abs(reference_only.astype(int) - sequential.astype(int)).max() > 0
+
+
+def test_first_frame_training_conditions_on_the_clip_and_has_no_loss_on_it():
+    # The flow loss of a reference=first_frame model takes the clip's own first frame as the image and does not
+    # score it: changing the first frame's target noise or the batch's reference changes nothing but the input.
+    from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
+
+    torch.manual_seed(0)
+    model = randomise(AvatarDiT(tiny_config(reference="first_frame")), std=0.1)
+    loss_fn = FlowMatchingLoss(FlowLossConfig(drop_text=0.0, drop_audio=0.0), causal=False, frames_per_block=2)
+    g = torch.Generator().manual_seed(1)
+    batch = {"latents": torch.randn(2, 4, 4, 8, 8, generator=g), "text": torch.randn(2, 5, 32, generator=g),
+             "reference": torch.randn(2, 4, 1, 8, 8, generator=g)}
+    loss, _ = loss_fn(model, batch, torch.Generator().manual_seed(2))
+    other_reference = dict(batch, reference=torch.randn(2, 4, 1, 8, 8, generator=g))
+    same, _ = loss_fn(model, other_reference, torch.Generator().manual_seed(2))
+    assert torch.equal(loss, same)  # the batch's reference is not the image: the clip's first frame is
+    other_first = dict(batch, latents=torch.cat([batch["latents"][:, :, :1] + 1, batch["latents"][:, :, 1:]], dim=2))
+    changed, _ = loss_fn(model, other_first, torch.Generator().manual_seed(2))
+    assert not torch.equal(loss, changed)  # ... and it conditions the other frames
+    # The prediction for the first frame gets no gradient; every other frame's does.
+    outputs = []
+    forward = model.forward
+
+    def keep(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.retain_grad()
+        outputs.append(out)
+        return out
+
+    model.forward = keep
+    loss, _ = loss_fn(model, batch, torch.Generator().manual_seed(2))
+    loss.backward()
+    grad = outputs[0].grad
+    assert grad[:, :, 0].abs().max() == 0 and (grad[:, :, 1:].abs().amax(dim=(0, 1, 3, 4)) > 0).all()

@@ -136,13 +136,20 @@ class FlowMatchingLoss:
             motion_noise = torch.randn(motion.shape, generator=generator, dtype=motion.dtype).to(device) \
                 if generator is not None else torch.randn_like(motion)
             placement.update(motion=self.flow.add_noise(motion, motion_noise, motion_t).to(dtype), motion_t=motion_t)
+        reference = batch.get("reference")
+        # Text-image-to-video (reference=first_frame): the clip's own first frame is the clean image; it is given,
+        # not predicted, so it has no loss.
+        first_frame = model.config.reference == "first_frame"
+        if first_frame:
+            reference = x0[:, :, :1]
         v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
-                  causal=self.causal, reference=batch.get("reference").to(dtype) if "reference" in batch else None,
-                  **placement)
+                  causal=self.causal, reference=None if reference is None else reference.to(dtype), **placement)
         target = self.flow.velocity_target(x0, noise)
         per_frame = F.mse_loss(v.float(), target, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
         if self.config.weighting == "bell":
             per_frame = per_frame * self.flow.training_weight(t)
+        if first_frame:
+            per_frame = per_frame[:, 1:]
         loss = per_frame.mean()
         with torch.no_grad():
             x0_err = (self.flow.x0_from_velocity(xt, v.float(), t) - x0).abs().mean()
