@@ -44,18 +44,19 @@ def run(engine_cls, setup, n_blocks, seed=3, **kw):
 
 
 def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks, seed=3, shift=5.0,
-                          rolling_offset=FPB, rapr_distance=10, audio_upto=None):
+                          rolling_offset=FPB, rapr_distance=10, audio_upto=None, motion_latents=None):
     """Block-by-block sampling where every forward is the full-sequence causal forward over the whole video so
     far (no cache): the history blocks at their cached noise level, then the current block; the window is the
     attention mask's, and each block's sink sits where the papers' formulas put it. ``audio_upto(n)`` gives the
-    forward's audio for the first ``n`` blocks (default: this module's grouped features)."""
+    forward's audio for the first ``n`` blocks (default: this module's grouped features); ``motion_latents`` join
+    the sink as FramePack tokens."""
     model, context, reference = setup
     if audio_upto is None:
         grouped, _ = audio_blocks(n_blocks)
         audio_upto = lambda n: grouped[:, : FPB * n]  # noqa: E731
     flow = FlowSchedule(shift)
     ts = flow.warp(steps)
-    shape = (1, 4, FPB, 4, 4)
+    shape = (1, 4, FPB, *reference.shape[-2:])
     ref = model.config.reference_position
     inputs = {}  # (block, step) -> the block's input at that step
     clean = []
@@ -73,7 +74,8 @@ def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks
             tt = torch.cat([torch.full((1, FPB * b), float(t_past)), torch.full((1, FPB), float(t))], dim=1)
             with torch.no_grad():
                 v = model(seq, tt, context, audio=audio_upto(b + 1), causal=True, reference=reference,
-                          reference_pos=sink_pos, window_blocks=window_blocks)[:, :, -FPB:]
+                          reference_pos=sink_pos, window_blocks=window_blocks,
+                          motion_latents=motion_latents)[:, :, -FPB:]
             x0 = flow.x0_from_velocity(x, v, t.reshape(1))
             if s + 1 < len(ts):
                 x = flow.add_noise(x0, block_noise(seed, b, s + 1, shape, "cpu"), ts[s + 1].reshape(1))

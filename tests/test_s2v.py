@@ -131,6 +131,47 @@ def test_s2v_streams_equal_the_full_sequence_causal_forward(setup, policy):
     torch.testing.assert_close(batched, got, rtol=1e-5, atol=1e-6)
 
 
+def test_sink_motion_tokens_stream_as_the_full_sequence_causal_forward_puts_them(setup):
+    # Live Avatar's release keeps FramePack tokens of the still reference in its sink (model.sink_motion). 14 blocks
+    # through a 2-block window: the engines' fixed sink tokens, re-rotated per block as the stream moves away from
+    # their positions (-1, -3, -19..-4), must give what the full-sequence causal forward gives with the motion
+    # tokens in every block's sink; and they must matter.
+    model, context, _ = setup
+    g = torch.Generator().manual_seed(5)
+    reference, motion = torch.randn(1, 4, 1, 8, 8, generator=g), torch.randn(1, 4, 19, 8, 8, generator=g)
+    steps, window, n = [1000, 600], 2, 14
+    feats = features(n)
+    kw = dict(steps=steps, sink="reference", window_blocks=window, rope_policy="rolling", sink_motion=True)
+    latent = (4, 8, 8)
+    core = StreamCore(model, EngineSettings(**kw), latent, context, reference, seed=3, sink_motion=motion)
+    assert core.cache.fixed_tokens == 16 + 4 + 4  # 4x4 tokens, one 2x-coarser frame, four 4x-coarser frames
+    got = torch.cat([x for _, x in SequentialEngine(core).stream(model.audio_block_inputs(feats))], dim=2)
+    expected = full_sequence_rollout((model, context, reference), n, "timestep_forced", steps, "rolling", window,
+                                     audio_upto=lambda b: feats[:, : 4 * FPB * b], motion_latents=motion)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    core = StreamCore(model, EngineSettings(**kw), latent, context, reference, seed=3, sink_motion=motion)
+    batched = torch.cat([x for _, x in StreamBatchEngine(core).stream(model.audio_block_inputs(feats))], dim=2)
+    torch.testing.assert_close(batched, got, rtol=1e-5, atol=1e-6)
+
+    plain = StreamCore(model, EngineSettings(**{**kw, "sink_motion": False}), latent, context, reference, seed=3)
+    without = torch.cat([x for _, x in SequentialEngine(plain).stream(model.audio_block_inputs(feats))], dim=2)
+    assert (without - got).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3  # every frame feels the motion tokens
+
+
+def test_sink_motion_needs_its_latents_and_a_framepack_model(setup):
+    model, context, reference = setup
+    kw = dict(steps=[1000], sink="reference", sink_motion=True)
+    with pytest.raises(ValueError, match="needs the motion latents"):
+        StreamCore(model, EngineSettings(**kw), (4, 8, 8), context, reference)
+    with pytest.raises(ValueError, match="engine.sink=none"):
+        StreamCore(model, EngineSettings(**{**kw, "sink": "none"}), (4, 8, 8), context, reference,
+                   sink_motion=torch.zeros(1, 4, 19, 8, 8))
+    plain = AvatarDiT(s2v_config(framepack=False)).eval()
+    with pytest.raises(ValueError, match="FramePack"):
+        StreamCore(plain, EngineSettings(**kw), (4, 8, 8), context, reference, sink_motion=torch.zeros(1, 4, 19, 8, 8))
+
+
 TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]  # Live Avatar's lora_target_modules
 
 
@@ -227,6 +268,11 @@ def test_tiny_s2v_checkpoint_streams_through_every_engine(tmp_path, tiny_s2v_fil
     # Batched lanes reduce in another order: latents equal to ~1e-6, at most one level apart once decoded to uint8.
     assert np.abs(batched.astype(int) - sequential.astype(int)).max() <= 1
     np.testing.assert_array_equal(infer_s2v(tiny_s2v_files, tmp_path / "tpp.mp4", "engine=tpp", nproc=3), sequential)
+    # tiny-s2v streams as liveavatar-14b does, with the FramePack tokens of the still reference in the sink (made by
+    # the VAE on every rank above); without them the video changes.
+    plain = infer_s2v(tiny_s2v_files, tmp_path / "plain.mp4", "engine=sequential", "model.sink_motion=false")
+    print("sink motion: mean |difference| in levels", np.abs(plain.astype(int) - sequential.astype(int)).mean())
+    assert np.abs(plain.astype(int) - sequential.astype(int)).mean() > 0.05
 
     # lora= merges a LoRA over the S2V names (here on every block's self-attention query and audio injector 0):
     # the stream changes, so the frames above are the model's work, not only the noise's. (The tiny random VAE

@@ -60,8 +60,18 @@ def engine_settings(cfg: DictConfig) -> EngineSettings:
         keep_first_block=bool(e.keep_first_block), sink_switch_block=e.sink_switch_block, history=e.history,
         window_blocks=int(m.get("window_blocks", 3)), rope_policy=rope.get("policy", "rolling"),
         rapr_distance=int(rope.get("max_distance", 10)), rolling_offset=rope.get("rolling_offset"),
-        context_noise=float(e.context_noise),
+        context_noise=float(e.context_noise), sink_motion=bool(m.get("sink_motion", False)),
     )
+
+
+@torch.no_grad()
+def still_motion_latents(vae, pixels: torch.Tensor, dit: DiTConfig, settings: EngineSettings) -> torch.Tensor | None:
+    """The sink's motion latents (``model.sink_motion``), as Live Avatar's release makes them: the reference image
+    ``[1, 3, 1, H, W]`` held still for ``motion_video_frames`` video frames, VAE-encoded ``[1, C, K, h, w]``; None
+    when the model's sink has no motion tokens."""
+    if not settings.sink_motion:
+        return None
+    return vae.encode(pixels.expand(-1, -1, dit.motion_video_frames, -1, -1).contiguous())
 
 
 def dit_config(cfg: DictConfig) -> DiTConfig:
@@ -373,13 +383,14 @@ class LiveAvatarPipeline:
         whole = isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor))
         wav = read_waveform(audio, max_seconds) if whole else None
         reference = self.reference_latent(pixels)
+        motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit, self.settings)
         context = self.text_context(prompt)
         if whole:
             audio_blocks, total, video_frames = self._whole_blocks(wav, audio)
         else:
             total = None
             audio_blocks, video_frames = self._live_blocks(audio, max_seconds)
-        core = self._core(reference, context, self.seed if seed is None else int(seed))
+        core = self._core(reference, context, self.seed if seed is None else int(seed), motion)
         engine = SequentialEngine(core) if self.engine == "sequential" else self._batch_engine(core)
         blocks = decode_blocks(self.components.vae, engine.stream(audio_blocks), video_frames)
         return AvatarStream(blocks, self.fps, wav, total, video_frames)
@@ -394,10 +405,12 @@ class LiveAvatarPipeline:
         total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
         return blocks, total, lambda: video_frames
 
-    def _core(self, reference: torch.Tensor, context: torch.Tensor, seed: int) -> StreamCore:
+    def _core(self, reference: torch.Tensor, context: torch.Tensor, seed: int,
+              motion: torch.Tensor | None = None) -> StreamCore:
         latent_shape = (reference.shape[1], reference.shape[3], reference.shape[4])
         try:
-            return StreamCore(self.model, self.settings, latent_shape, context, reference, seed=seed)
+            return StreamCore(self.model, self.settings, latent_shape, context, reference, seed=seed,
+                              sink_motion=None if motion is None else motion.to(self.dtype))
         except ValueError as err:
             raise UserError(str(err)) from err
 

@@ -25,7 +25,7 @@ from .components import Components, UserError, frames_in, resolve_dtype
 from .engine import tpp
 from .engine.stream import StreamCore
 from .pipeline import (AudioFeatureOptions, AvatarStream, decode_blocks, dit_config, engine_settings, feature_blocks,
-                       load_model, prompt_context, read_image, read_waveform)
+                       load_model, prompt_context, read_image, read_waveform, still_motion_latents)
 from .models.audio import blocks_for
 
 
@@ -109,6 +109,8 @@ class TPPPipeline:
             if video_frames < 1:
                 raise UserError("audio: shorter than one video frame")
             reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
+            motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit,
+                                          self.settings)
             context = prompt_context(self.prompt if prompt is None else prompt, self.components, self.dit, self.device)
             total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
             stage = None
@@ -116,7 +118,8 @@ class TPPPipeline:
                 try:
                     core = StreamCore(self.model, self.settings, (reference.shape[1], reference.shape[3],
                                       reference.shape[4]), context, reference,
-                                      seed=self.seed if seed is None else int(seed), lanes=1)
+                                      seed=self.seed if seed is None else int(seed), lanes=1,
+                                      sink_motion=None if motion is None else motion.to(self.dtype))
                     stage = tpp.DiTStage(core, self.rank, self.layout, self.channel, self.stage_options)
                 except ValueError as err:
                     raise UserError(str(err)) from err

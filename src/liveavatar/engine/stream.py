@@ -12,6 +12,11 @@ History (``engine.history``):
   only ever touches its own lane).
 - ``clean`` (Self-Forcing): one lane; after its last step the block is re-forwarded at ``t = context_noise``
   to write clean keys and values.
+
+Sink motion (``model.sink_motion``, Live Avatar's release): FramePack motion tokens of clean latents before the
+stream (the reference image held still) join the sink. They carry timestep 0, attend with the sink frames among
+themselves, and keep their FramePack time positions (``-1``, ``-3``, ...) in the stream's frame numbering: seen
+from a later block they lie as far behind it as those positions say, the Rolling RoPE moves only the sink frames.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class EngineSettings:
     rapr_distance: int = 10
     rolling_offset: int | None = None
     context_noise: float = 0.0
+    sink_motion: bool = False
 
     def __post_init__(self):
         if self.history not in HISTORIES:
@@ -85,24 +91,31 @@ class CachedAttention:
     """
 
     def __init__(self, cache: KVCache, lanes: slice, rope_q: RotaryTable, rope_cache: RotaryTable,
-                 mask: torch.Tensor | None, write_starts: list[int] | None):
+                 mask: torch.Tensor | None, write_starts: list[int] | None, rope_fixed: RotaryTable | None = None):
         self.cache, self.lanes, self.rope_q, self.rope_cache = cache, lanes, rope_q, rope_cache
-        self.mask, self.write_starts = mask, write_starts
+        self.mask, self.write_starts, self.rope_fixed = mask, write_starts, rope_fixed
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None
         self.written: set[int] = set()
 
     def freeze(self) -> None:
         """Read from a copy of the lanes' keys and values taken now (for a forward whose blocks may be recomputed
         in the backward pass, after later forwards changed the cache)."""
-        self.frozen = (self.cache.k[:, self.lanes].clone(), self.cache.v[:, self.lanes].clone())
+        self.frozen = (self.cache.k[:, self.lanes].clone(), self.cache.v[:, self.lanes].clone(),
+                       self.cache.fixed_k[:, self.lanes].clone(), self.cache.fixed_v[:, self.lanes].clone())
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.frozen is None:
             ck, cv = self.cache.view(layer, self.lanes)
+            fk, fv = self.cache.fixed_view(layer, self.lanes)
         else:
             ck, cv = self.frozen[0][layer].flatten(1, 2), self.frozen[1][layer].flatten(1, 2)
-        keys = torch.cat([self.rope_cache.rotate(ck), self.rope_q.rotate(k)], dim=1)
-        values = torch.cat([cv, v], dim=1)
+            fk, fv = self.frozen[2][layer], self.frozen[3][layer]
+        if self.rope_fixed is None:
+            keys = torch.cat([self.rope_cache.rotate(ck), self.rope_q.rotate(k)], dim=1)
+            values = torch.cat([cv, v], dim=1)
+        else:
+            keys = torch.cat([self.rope_cache.rotate(ck), self.rope_fixed.rotate(fk), self.rope_q.rotate(k)], dim=1)
+            values = torch.cat([cv, fv, v], dim=1)
         out = attend(self.rope_q.rotate(q), keys, values, self.mask)
         if self.write_starts is not None and layer not in self.written:  # a recomputation does not write again
             self.cache.write_history(layer, self.lanes, self.write_starts, k.detach(), v.detach())
@@ -111,7 +124,7 @@ class CachedAttention:
 
 
 class SinkAttention:
-    """Self-attention of the sink frames among themselves; stores their keys/values in every lane's sink."""
+    """Self-attention of the sink tokens among themselves; stores their keys/values in every lane's sink."""
 
     def __init__(self, cache: KVCache, lanes: slice, rope: RotaryTable):
         self.cache, self.lanes, self.rope = cache, lanes, rope
@@ -136,11 +149,13 @@ class StreamCore:
         context: ``[1, S, text_dim]`` text embeddings.
         reference: ``[1, C, 1, H, W]`` reference latent (the sink and/or the concat input), or None.
         lanes: lanes of the cache (one per step for ``timestep_forced``, else 1); a pipeline stage holds 1.
+        sink_motion: ``[1, C, K, H, W]`` clean latents whose FramePack tokens join the sink (required with
+            ``settings.sink_motion``; :func:`liveavatar.pipeline.still_motion_latents` makes them of the reference).
     """
 
     def __init__(self, model: AvatarDiT, settings: EngineSettings, latent_shape: tuple[int, int, int],
                  context: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0,
-                 lanes: int | None = None):
+                 lanes: int | None = None, sink_motion: torch.Tensor | None = None):
         cfg = model.config
         self.model, self.settings, self.seed = model, settings, seed
         param = next(model.parameters())
@@ -168,14 +183,44 @@ class StreamCore:
         if self.sink.changes:
             self.positions.check(list(self.sink.trained_positions(1)), from_frame=settings.switch_block * f)
         n_lanes = lanes if lanes is not None else (len(settings.steps) if settings.history == "timestep_forced" else 1)
-        self.cache = KVCache(cfg.num_layers, n_lanes, self.sink.capacity, window_frames, self.h * self.w,
-                             cfg.num_heads, cfg.head_dim, self.dtype, self.device)
         self.rope = RopeTables(self.h, self.w, cfg.head_dim, cfg.rope_theta, self.device)
+        self.sink_motion, self.motion_angles = self._sink_motion(sink_motion)
+        self._motion_tables: dict[int, RotaryTable] = {}
+        fixed = 0 if self.motion_angles is None else self.motion_angles.shape[0]
+        self.cache = KVCache(cfg.num_layers, n_lanes, self.sink.capacity, window_frames, self.h * self.w,
+                             cfg.num_heads, cfg.head_dim, self.dtype, self.device, fixed_tokens=fixed)
         self._masks: dict[tuple, torch.Tensor] = {}
         self.lane_sink_version = [-1] * n_lanes
         self.context = context.to(self.device)
         with torch.no_grad():
             self.text = model.text_kv(model.embed_text(self.context))
+
+    def _sink_motion(self, latents: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Check and place the sink's motion latents; returns them and their tokens' RoPE angles ``[M, D/2]``."""
+        if not self.settings.sink_motion:
+            return None, None
+        if self.settings.sink == "none":
+            raise ValueError("model.sink_motion=true puts motion tokens into the sink, but engine.sink=none has none")
+        if not hasattr(self.model, "frame_packer"):
+            raise ValueError("model.sink_motion=true needs a model with a FramePack motion encoder (an s2v model "
+                             "with framepack on)")
+        if latents is None:
+            raise ValueError("model.sink_motion=true: the engine needs the motion latents of the sink")
+        if tuple(latents.shape[-2:]) != tuple(self.latent_shape[1:]) or latents.shape[1] != self.latent_shape[0]:
+            raise ValueError(f"sink motion latents {tuple(latents.shape)} do not fit latents of shape {self.latent_shape}")
+        latents = latents.to(device=self.device, dtype=self.dtype)
+        cfg = self.model.config
+        angles = self.model.frame_packer.angles(self.latent_shape[1:], cfg.head_dim, cfg.rope_theta, device=self.device)
+        return latents, angles
+
+    def motion_table(self, start: int) -> RotaryTable:
+        """RoPE table of the sink's motion tokens seen from the block that starts at stream frame ``start``."""
+        shift = self.positions.anchor(start) - start
+        if shift not in self._motion_tables:
+            if len(self._motion_tables) >= 64:
+                self._motion_tables.clear()
+            self._motion_tables[shift] = RotaryTable(self.rope.time_shift(self.motion_angles, shift))
+        return self._motion_tables[shift]
 
     def require_step_pipeline(self, engine: str) -> None:
         """Raise unless the settings allow running the steps of different blocks at once (stream_batch, tpp):
@@ -219,7 +264,8 @@ class StreamCore:
         return tuple(out)
 
     def attention_mask(self, lanes: list[int]) -> torch.Tensor | None:
-        """``[n, 1, 1, slots * T + F * T]`` (True: may attend) for the lanes' filled slots and their own block;
+        """``[n, 1, 1, slots * T + M + F * T]`` (True: may attend) for the lanes' filled slots, the sink's fixed
+        tokens and their own block;
         None once every slot is filled. Cached by fill pattern (a handful while the cache fills up)."""
         pattern = tuple(self.cache.valid(lane) for lane in lanes)
         if all(all(p) for p in pattern):
@@ -227,7 +273,10 @@ class StreamCore:
         if pattern not in self._masks:
             own = [True] * self.frames_per_block
             frames = torch.tensor([list(p) + own for p in pattern])
-            mask = frames.repeat_interleave(self.h * self.w, dim=1)[:, None, None, :]
+            mask = frames.repeat_interleave(self.h * self.w, dim=1)
+            slots = self.cache.slots * self.h * self.w  # the sink's fixed tokens sit between the slots and the block
+            fixed = torch.ones(len(pattern), self.cache.fixed_tokens, dtype=torch.bool)
+            mask = torch.cat([mask[:, :slots], fixed, mask[:, slots:]], dim=1)[:, None, None, :]
             if len(self._masks) >= 64:
                 self._masks.clear()
             self._masks[pattern] = mask.to(self.device)
@@ -243,14 +292,20 @@ class StreamCore:
             self.lane_sink_version[lane] = state.version
 
     def write_sink(self, lanes: slice, state: SinkState) -> None:
-        """Run the sink frames through the model (they see only themselves, at their training positions: only
-        their offsets to each other matter) and store their un-rotated keys and values in ``lanes``."""
+        """Run the sink tokens through the model (they see only themselves, at their training positions: only
+        their offsets to each other matter) and store their un-rotated keys and values in ``lanes``. Every sink
+        token carries timestep 0, so one modulation row serves them all."""
         if state.latents is None:
             return
         model = self.model
         tokens = model.embed_reference(state.latents)
-        _, e6 = model.time_modulation(torch.zeros(1, len(state.positions), device=self.device))
-        model.run_blocks(tokens, e6, self.text, SinkAttention(self.cache, lanes, self.rope.table(state.positions)))
+        rope = self.rope.table(state.positions)
+        if self.sink_motion is not None:
+            motion, _ = model.embed_motion(self.sink_motion)
+            tokens = torch.cat([tokens, motion], dim=1)
+            rope = RotaryTable.cat([rope, RotaryTable(self.motion_angles)])
+        _, e6 = model.time_modulation(torch.zeros(1, 1, device=self.device))
+        model.run_blocks(tokens, e6, self.text, SinkAttention(self.cache, lanes, rope))
         self.cache.commit_sink(lanes, state.positions)
 
     # ------------------------------------------------------------------------------------------ forward
@@ -297,8 +352,12 @@ class StreamCore:
         anchors = [self.positions.anchor(s) for s in starts]
         rope_q = self.rope.stacked(tuple(tuple(range(a, a + f)) for a in anchors))
         rope_cache = self.rope.stacked(tuple(self.slot_positions(lane, s) for lane, s in zip(lanes, starts)))
+        rope_fixed = None
+        if self.sink_motion is not None:
+            tables = [self.motion_table(s) for s in starts]
+            rope_fixed = tables[0] if all(t is tables[0] for t in tables) else RotaryTable.stack(tables)
         return CachedAttention(self.cache, lane_range(lanes), rope_q, rope_cache, self.attention_mask(lanes),
-                               starts if write else None)
+                               starts if write else None, rope_fixed)
 
     def audio_tokens(self, grouped: torch.Tensor | None) -> torch.Tensor | None:
         """One block's audio input (:meth:`AvatarDiT.audio_block_inputs`: grouped features

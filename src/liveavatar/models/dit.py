@@ -445,8 +445,10 @@ class AvatarDiT(nn.Module):
                 the window); they see the sink and each other, not the clip, and get no audio.
             motion_t: ``[B]`` or ``[B, K]`` their timesteps (required with ``motion``).
             cond: s2v: ``[B, cond_dim, F, H, W]`` pose condition latent (None: all zero).
-            motion_latents: s2v, bidirectional: ``[B, C, K, H, W]`` clean latents before the clip, FramePack-encoded
-                (:meth:`embed_motion`); with them every token sees every token, as in the original S2V forward.
+            motion_latents: s2v: ``[B, C, K, H, W]`` clean latents before the clip, FramePack-encoded
+                (:meth:`embed_motion`). Bidirectional: every token sees every token, as in the original S2V forward.
+                Block-causal: the motion tokens join the sink (``model.sink_motion``, as Live Avatar's release streams),
+                at their own fixed time positions in the frames' numbering (``-1``, ``-3``, ...).
         Returns:
             ``[B, out_dim, F, H, W]`` predicted velocity (float32).
         """
@@ -476,17 +478,25 @@ class AvatarDiT(nn.Module):
 
         if cfg.family == "s2v" and not causal:
             return self._forward_s2v(x, t, context, audio, reference, frame_pos, reference_pos, cond, motion_latents)
-        if motion_latents is not None:
-            raise ValueError("FramePack motion latents need an s2v model and the bidirectional forward")
         tokens = self.embed_video(x, reference, cond)
-        sink_frames = 0
+        sink_frames, sink_extra, segments, extra_tokens = 0, None, None, 0
         if cfg.reference == "sink" and reference is not None:
             sink_frames = reference.shape[2]
             if reference_pos is None:
                 reference_pos = torch.arange(sink_frames, device=x.device) + cfg.reference_position
-            tokens = torch.cat([self.embed_reference(reference), tokens], dim=1)
-            t = torch.cat([t.new_zeros(b, sink_frames), t], dim=1)
+            sink = [self.embed_reference(reference)]
+            if motion_latents is not None:  # the sink's motion tokens (model.sink_motion): one more t = 0 row
+                motion_tokens, sink_extra = self.embed_motion(motion_latents)
+                sink.append(motion_tokens)
+                extra_tokens = motion_tokens.shape[1]
+                sizes = torch.tensor([h * w] * sink_frames + [extra_tokens] + [h * w] * (k + frames), device=x.device)
+                segments = torch.arange(len(sizes), device=x.device).repeat_interleave(sizes)
+            tokens = torch.cat([*sink, tokens], dim=1)
+            t = torch.cat([t.new_zeros(b, sink_frames + (extra_tokens > 0)), t], dim=1)
         else:
+            if motion_latents is not None:
+                raise ValueError("FramePack motion latents go into the reference sink (model.reference=sink with a "
+                                 "reference) in the block-causal forward")
             reference_pos = None
 
         if audio is not None and audio.shape[0] != b:
@@ -500,9 +510,10 @@ class AvatarDiT(nn.Module):
         e, e6 = self.time_modulation(t, audio_tokens)
         attention = sequence_attention(frame_pos.to(x.device), None if reference_pos is None else reference_pos.to(x.device),
                                        (h, w), cfg.head_dim, cfg.rope_theta, causal, cfg.frames_per_block,
-                                       window_blocks if causal else None, k)
-        before_clip = (sink_frames + k) * h * w  # the sink's and the motion frames' tokens: no audio, no output
-        out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, before_clip)
+                                       window_blocks if causal else None, k, sink_extra)
+        # The sink's and the motion frames' tokens: no audio, no output.
+        before_clip = (sink_frames + k) * h * w + extra_tokens
+        out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, before_clip, segments)
         out = self.head(out[:, before_clip:], e[:, -frames:])
         return self.unpatchify(out.float(), frames, (hh, ww))
 

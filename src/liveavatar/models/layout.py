@@ -12,6 +12,9 @@ visible to that block alone.
 Context frames (Stage 1's motion frames) are noisy frames of the stream just before the clip that stand in for
 the streaming engine's noisy KV cache: every clip block sees all of them whatever its window, they see the sink
 (the first block's copy: they precede that block) and each other, and never the clip.
+
+A sink may also hold tokens that are not whole frames (``sink_extra``: Live Avatar's FramePack motion tokens of
+the reference), after its frames, at fixed angles of their own: they belong to every copy of the sink.
 """
 from __future__ import annotations
 
@@ -48,9 +51,18 @@ def _table(positions: torch.Tensor, h: int, w: int, head_dim: int, theta: float)
     return RotaryTable.stack([RotaryTable.for_grid(p, h, w, head_dim, theta) for p in positions])
 
 
+def _joined(tables: list[RotaryTable]) -> RotaryTable:
+    """Concatenate tables along tokens, broadcasting shared ``[L, D/2]`` tables to the batch of ``[B, L, D/2]`` ones."""
+    batch = max((t.cos.shape[0] for t in tables if t.cos.dim() == 3), default=None)
+    if batch is not None:
+        tables = [t if t.cos.dim() == 3 else RotaryTable.stack([t] * batch) for t in tables]
+    return RotaryTable.cat(tables)
+
+
 def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, grid: tuple[int, int],
                        head_dim: int, theta: float, causal: bool, frames_per_block: int,
-                       window_blocks: int | None = None, context_frames: int = 0) -> SequenceAttention:
+                       window_blocks: int | None = None, context_frames: int = 0,
+                       sink_extra: torch.Tensor | None = None) -> SequenceAttention:
     """Build the attention of a forward over ``R`` sink frames, ``K`` context frames and ``F`` clip frames.
 
     Args:
@@ -62,6 +74,7 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
             else every clip frame sees every clip frame.
         window_blocks: causal only: a block sees at most this many earlier blocks (None: all of them).
         context_frames: ``K``, the frames before the clip (see the module docstring).
+        sink_extra: angles ``[M, head_dim / 2]`` of ``M`` tokens after the sink frames (part of the sink).
     Sink frames see only the sink; every clip frame sees the sink and the context.
     """
     h, w = grid
@@ -75,31 +88,39 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
     if sink_pos is not None and frame_pos.dim() == 1 and sink_pos.dim() >= 2:
         frame_pos = frame_pos.expand(sink_pos.shape[0], -1)
     r = 0 if sink_pos is None else sink_pos.shape[-1]
+    extra = 0 if sink_extra is None else sink_extra.shape[0]
+    if extra and not r:
+        raise ValueError("extra sink tokens need a sink")
     blocks = frames // frames_per_block if causal else 1
-    mask = _mask(frames, frames_per_block, r, per_block, causal, window_blocks, h * w, str(device), context_frames)
+    mask = _mask(frames, frames_per_block, r, per_block, causal, window_blocks, h * w, str(device), context_frames,
+                 extra)
 
     if r == 0:
         rope = _table(frame_pos, h, w, head_dim, theta)
         return SequenceAttention(rope, rope, None, mask)
+    extra_table = [RotaryTable(sink_extra.to(device))] if extra else []
     first_sink = sink_pos[:, 0] if per_block else sink_pos
-    q_pos = torch.cat([first_sink.to(frame_pos), frame_pos], dim=-1)
-    rope_q = _table(q_pos, h, w, head_dim, theta)
+    rope_q = _joined([_table(first_sink.to(frame_pos), h, w, head_dim, theta), *extra_table,
+                      _table(frame_pos, h, w, head_dim, theta)])
     if not per_block:
         return SequenceAttention(rope_q, rope_q, None, mask)
-    k_pos = torch.cat([sink_pos.flatten(1).to(frame_pos), frame_pos], dim=-1)
+    copies = [_table(sink_pos[:, j].to(frame_pos), h, w, head_dim, theta) for j in range(sink_pos.shape[1])]
+    rope_k = _joined([t for copy in copies for t in (copy, *extra_table)] + [_table(frame_pos, h, w, head_dim, theta)])
     tokens = h * w
-    sink_tokens = torch.arange(r * tokens, device=device)
-    rest = torch.arange(r * tokens, (r + context_frames + frames) * tokens, device=device)
+    sink_tokens = torch.arange(r * tokens + extra, device=device)
+    rest = torch.arange(r * tokens + extra, (r + context_frames + frames) * tokens + extra, device=device)
     key_index = torch.cat([sink_tokens.repeat(blocks), rest])
-    return SequenceAttention(rope_q, _table(k_pos, h, w, head_dim, theta), key_index, mask)
+    return SequenceAttention(rope_q, rope_k, key_index, mask)
 
 
 @functools.lru_cache(maxsize=32)
 def _mask(frames: int, frames_per_block: int, r: int, per_block: bool, causal: bool, window_blocks: int | None,
-          tokens: int, device: str, context: int = 0) -> torch.Tensor | None:
+          tokens: int, device: str, context: int = 0, extra: int = 0) -> torch.Tensor | None:
     """Token-level ``[L, S]`` mask (None when everything sees everything). The pattern depends only on shapes,
     so it is decided on the host and copied to the device once per shape. Rows: sink, context, clip; columns:
-    the sink's copies, context, clip."""
+    the sink's copies, context, clip. The sink's ``extra`` tokens are one more unit of the sink."""
+    sizes = [tokens] * r + ([extra] if extra else [])
+    r = len(sizes)
     block = torch.arange(frames) // frames_per_block
     if causal:
         seen = block[:, None] >= block[None, :]
@@ -119,4 +140,6 @@ def _mask(frames: int, frames_per_block: int, r: int, per_block: bool, causal: b
     visible = torch.cat([sink_rows, context_rows, clip_rows], dim=0)
     if visible.all():
         return None
-    return visible.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(device)
+    rows = torch.tensor(sizes + [tokens] * (context + frames))
+    columns = torch.tensor(sizes * copies + [tokens] * (context + frames)) if copies else rows
+    return visible.repeat_interleave(rows, 0).repeat_interleave(columns, 1).to(device)

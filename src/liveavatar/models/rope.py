@@ -74,6 +74,14 @@ class RotaryTable:
         out.sin = torch.stack([t.sin for t in tables])
         return out
 
+    @classmethod
+    def cat(cls, tables: list["RotaryTable"]) -> "RotaryTable":
+        """The tables' tokens one after another (all ``[L_i, D/2]``, or all ``[B, L_i, D/2]``)."""
+        out = cls.__new__(cls)
+        out.cos = torch.cat([t.cos for t in tables], dim=-2)
+        out.sin = torch.cat([t.sin for t in tables], dim=-2)
+        return out
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` (computed in float32, returned in x's dtype).
         The table is ``[L, D/2]`` (shared by the batch) or ``[B, L, D/2]`` (one per batch element)."""
@@ -138,6 +146,11 @@ class RopeTables:
             return out
 
         return self._lru(self._tables, tuple(positions), build, self.capacity)
+
+    def time_shift(self, angles: torch.Tensor, shift: int) -> torch.Tensor:
+        """Angles ``[M, D/2]`` of tokens moved ``shift`` frames later in time (their rows and columns unchanged)."""
+        time = self.inv_time * float(shift)
+        return angles + torch.cat([time, time.new_zeros(angles.shape[-1] - time.shape[0])])
 
     def stacked(self, positions: tuple[tuple[int, ...], ...]) -> RotaryTable:
         """One table per batch element ``[n, L, D/2]`` (every element lists as many frames), or one shared
