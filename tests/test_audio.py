@@ -251,7 +251,7 @@ def test_split_into_blocks_groups_each_block_like_one_whole_grouping():
 # ------------------------------------------------------------------------------------------- streaming
 from pathlib import Path  # noqa: E402
 
-from liveavatar.models.audio import split_into_blocks  # noqa: E402
+from liveavatar.models.audio import blocks_for, split_into_blocks, split_video_frames  # noqa: E402
 from liveavatar.models.audio_stream import StreamingAudioFeatures, stream_blocks  # noqa: E402
 
 SPEECH = Path(__file__).resolve().parents[1] / "data/example/speech.wav"
@@ -301,6 +301,20 @@ def test_streaming_energy_mel_equals_offline(speech, fpb, per_latent):
     blind = stream_blocks(enc, speech, 25, fpb, per_latent, lookback_s=0)
     figures = compare(blind, offline, list(range(1, len(offline))), f"energy_mel lookback 0 ({fpb}x{per_latent})")
     assert figures["max"] > 1.0
+
+
+def test_streaming_energy_mel_in_the_s2v_pairing_equals_offline(speech):
+    """Wan2.2-S2V pairs latent frame j with video frames 4j..4j+3 (no first frame alone): streamed blocks are each
+    block's 12 video frames, as the offline split gives them, the last one padded the same way."""
+    enc = EnergyMelFeatures()
+    wav = speech[: int(1.7 * SAMPLE_RATE)]  # 42 video frames: the last of 4 blocks is padded
+    frames = video_frames_for(len(wav))
+    offline = split_video_frames(enc(wav, frames), 3, 4, blocks_for(frames, 3, 4))
+    streamed = stream_blocks(enc, wav, 25, 3, 4, lookback_s=0.5, first_frame_alone=False)
+    assert [s.shape for s in streamed] == [o.shape for o in offline] == [(1, 12, *offline[0].shape[2:])] * 4
+    torch.testing.assert_close(torch.cat(streamed, 1), torch.cat(offline, 1), rtol=0, atol=1e-4)
+    probe = StreamingAudioFeatures(enc, 25, 3, 4, first_frame_alone=False)
+    assert [probe.block_frames(b) for b in range(3)] == [(0, 12), (12, 24), (24, 36)]
 
 
 def test_streaming_wav2vec2_close_to_offline(speech, w2v_dir):

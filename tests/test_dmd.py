@@ -320,17 +320,22 @@ def test_one_generator_and_critic_step_on_the_meta_device(blockwise):
 @pytest.mark.meta
 def test_the_s2v_family_distills_on_the_meta_device():
     # Stage 2 on a Wan2.2-S2V model: the rollout streams each block's audio through the S2V encoder and injector,
-    # the teacher and critic take the clip's audio paired 4 video frames per latent frame.
+    # the teacher and critic take the clip's audio paired 4 video frames per latent frame. tiny-s2v streams with
+    # the sink's motion tokens (model.sink_motion): the rollout's sink and the critic's forward take them.
     cfg = compose_distill(*SMALL, "model=tiny-s2v", "model.dit.audio_blocks=[0,1]")
     module = build_dmd_module(cfg)
     with torch.device("meta"):
         module.configure_model()
-    assert module.dit_config.family == "s2v"
+    assert module.dit_config.family == "s2v" and module.engine_settings.sink_motion
     batch = meta_batch(module.dit_config)
+    with pytest.raises(ValueError, match="needs the motion latents"):
+        module.generator_backward(batch, module.conditions(batch), 0)
+    batch["sink_motion"] = torch.zeros(2, module.dit_config.in_dim, 19, 8, 8, device="meta")
     cond = module.conditions(batch)
     assert cond.audio.shape[1:3] == (6, 4)  # latent frames, video frames each
     module.critic_loss(batch, cond, 0, 0).backward()
-    assert all(p.grad is not None for p in module.critic.audio_injector.parameters())
+    for part in (module.critic.audio_injector, module.critic.frame_packer):
+        assert all(p.grad is not None for p in part.parameters())
     module.generator_backward(batch, cond, 0)
     for part in (module.generator.casual_audio_encoder, module.generator.audio_injector):
         assert all(p.grad is not None and p.grad.device.type == "meta" for p in part.parameters())

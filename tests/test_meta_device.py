@@ -61,6 +61,23 @@ def test_engines_stream_past_the_window_on_the_device(engine, dtype, policy, sin
     assert core.cache.k.dtype == dtype  # the cache keeps the model's dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_s2v_streams_with_the_sinks_motion_tokens_on_the_device(dtype):
+    # tiny-s2v as liveavatar-14b streams: FramePack tokens in the sink, re-written when AAS switches it.
+    cfg = tiny_preset("tiny-s2v")
+    with META:
+        model = AvatarDiT(cfg).to(dtype).eval().requires_grad_(False)
+    context, reference, _ = stream_inputs(cfg, dtype)
+    motion = torch.randn(1, cfg.in_dim, 19, 8, 8, device=META, dtype=dtype)
+    features = torch.randn(1, 6 * cfg.frames_per_block * cfg.video_frames_per_latent, cfg.audio_layers_in,
+                           cfg.audio_feature_dim, device=META)
+    settings = EngineSettings(steps=[1000, 500], window_blocks=1, sink="aas", sink_motion=True)
+    core = StreamCore(model, settings, (cfg.in_dim, 8, 8), context, reference, sink_motion=motion)
+    outs = list(StreamBatchEngine(core).stream(model.audio_block_inputs(features)))
+    assert [b for b, _ in outs] == list(range(6)) and all(x0.device == META for _, x0 in outs)
+    assert core.cache.fixed_k.device == META and core.cache.fixed_k.dtype == dtype and core.cache.fixed_tokens > 0
+
+
 def test_clean_history_streams_on_the_device():
     model = meta_model(torch.bfloat16)
     context, reference, audio = stream_inputs(model.config, torch.bfloat16)
@@ -122,6 +139,8 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
                              device=META),
         "text": torch.randn(2, 4, cfg.text_dim, device=META),
     }
+    if cfg.family == "s2v":  # tiny-s2v trains with the sink's FramePack motion tokens, as it streams
+        batch["sink_motion"] = torch.randn(2, cfg.in_dim, 19, 8, 8, device=META)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
     with torch.autocast(autocast_type(META), dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss, stats = loss_fn(model, batch)
@@ -129,7 +148,8 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
     loss.backward()
     assert all(p.grad is not None and p.grad.device == META for p in model.blocks[0].parameters())
     if cfg.family == "s2v":  # the audio reaches the loss through the S2V encoder and injector
-        for module in (model.casual_audio_encoder, model.audio_injector, model.trainable_cond_mask):
+        for module in (model.casual_audio_encoder, model.audio_injector, model.trainable_cond_mask,
+                       model.frame_packer):
             assert all(p.grad is not None and p.grad.device == META for p in module.parameters())
     optimizer.step()
 

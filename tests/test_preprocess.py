@@ -171,6 +171,7 @@ def test_manifest_records_shapes_and_preset(tiny_run):
         "latent_channels": 12, "latent_frames": 6, "latent_height": 16, "latent_width": 16, "video_frames": 6,
         "height": 32, "width": 32, "audio_layers": 1, "audio_feature_dim": 32, "text_len": 16, "text_dim": 32,
         "fps": 25.0, "sample_rate": 16000, "vae": "patch", "vae_time_factor": 1, "vae_space_factor": 2,
+        "sink_motion_latents": 0,
     }
 
 
@@ -229,6 +230,44 @@ def test_wan_vae_windows_of_1_plus_4_frames(one_video, tmp_path):
         with pytest.raises(UserError, match="video_frames_per_latent=1"):
             run(config(f"videos={one_video}", f"out={tmp_path}/bad", "model.vae.kind=wan", f"model.vae.path={vae_path}",
                        "model.dit.in_dim=4", "model.dit.out_dim=4", "data.clip_latent_frames=3"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sink_motion_latents_are_the_still_reference_stored_once_per_video(one_video, tmp_path):
+    # model.sink_motion: each sample carries its reference frame held still for motion_video_frames video frames,
+    # VAE-encoded (the sink's FramePack motion latents); windows of one video share one stored copy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        vae_path = _tiny_wan_vae(tmp_path / "vae")
+        run(config(f"videos={one_video}", f"out={tmp_path}/out", "model.vae.kind=wan", f"model.vae.path={vae_path}",
+                   "model.dit.in_dim=4", "model.dit.out_dim=4", "model.dit.video_frames_per_latent=4",
+                   "data.clip_latent_frames=3", "model.sink_motion=true", "+model.dit.motion_video_frames=9"))
+        ds = ShardDataset(tmp_path / "out")
+        assert ds.shapes["sink_motion_latents"] == 3  # 9 video frames: 1 + 4 + 4
+        vae, frames = WanVAE.from_pretrained(vae_path), expected_frames(one_video / "talk25.mp4")
+        still = encode(vae, frames[:1].expand(9, -1, -1, -1))
+        assert len(ds) == 2 and all(torch.equal(ds[i]["sink_motion"], still) for i in range(2))
+        assert not torch.equal(still[:, 1], still[:, 0])  # a still clip's later latents are not the image latent
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "out" / ds.manifest["shards"][0]["file"]), framework="pt") as f:
+            assert f.get_slice("sink_motion").get_shape()[0] == 1
+        # Without model.sink_motion the samples carry none.
+        run(config(f"videos={one_video}", f"out={tmp_path}/plain", "model.vae.kind=wan", f"model.vae.path={vae_path}",
+                   "model.dit.in_dim=4", "model.dit.out_dim=4", "model.dit.video_frames_per_latent=4",
+                   "data.clip_latent_frames=3"))
+        assert "sink_motion" not in ShardDataset(tmp_path / "plain")[0]
+        # Training a model.sink_motion model on them is refused in one line.
+        from liveavatar.models import DiTConfig
+        from liveavatar.training.datamodule import AvatarDataModule, DataSettings
+
+        dit = DiTConfig.from_dict(OmegaConf.to_container(OmegaConf.merge(
+            TINY.dit, {"in_dim": 4, "out_dim": 4, "video_frames_per_latent": 4, "motion_video_frames": 9})))
+        AvatarDataModule(DataSettings(kind="shards", path=str(tmp_path / "out")), dit, {"sink_motion": True}).build()
+        with pytest.raises(ValueError, match=r"^model.sink_motion=true: the shards in .* hold no sink motion[^\n]*$"):
+            AvatarDataModule(DataSettings(kind="shards", path=str(tmp_path / "plain")), dit, {"sink_motion": True}).build()
     finally:
         torch.set_num_threads(threads)
 

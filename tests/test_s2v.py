@@ -270,6 +270,12 @@ def test_tiny_s2v_checkpoint_streams_through_every_engine(tmp_path, tiny_s2v_fil
     np.testing.assert_array_equal(infer_s2v(tiny_s2v_files, tmp_path / "tpp.mp4", "engine=tpp", nproc=3), sequential)
     # tiny-s2v streams as liveavatar-14b does, with the FramePack tokens of the still reference in the sink (made by
     # the VAE on every rank above); without them the video changes.
+    # Audio features computed block by block as the audio arrives (live input): each block's 12 video frames, as
+    # the release pairs them; the tiny preset's energy features see only the frame before, so with any look-back
+    # the video is the whole-file one.
+    live = infer_s2v(tiny_s2v_files, tmp_path / "live.mp4", "engine=sequential", "audio_features.streaming=true",
+                     "audio_features.lookback_s=0.2")
+    np.testing.assert_array_equal(live, sequential)
     plain = infer_s2v(tiny_s2v_files, tmp_path / "plain.mp4", "engine=sequential", "model.sink_motion=false")
     print("sink motion: mean |difference| in levels", np.abs(plain.astype(int) - sequential.astype(int)).mean())
     assert np.abs(plain.astype(int) - sequential.astype(int)).mean() > 0.05
@@ -285,3 +291,36 @@ def test_tiny_s2v_checkpoint_streams_through_every_engine(tmp_path, tiny_s2v_fil
                for ab, shape in (("A", (2, 64)), ("B", (64, 2)))}, tmp_path / "lora.safetensors")
     adapted = infer_s2v(tiny_s2v_files, tmp_path / "lora.mp4", "engine=sequential", f"lora={tmp_path / 'lora.safetensors'}")
     assert np.abs(adapted.astype(int) - sequential.astype(int)).mean() > 0.05
+
+
+def test_toy_samples_carry_the_still_reference_for_the_sinks_motion_tokens():
+    from liveavatar.data.toy import make_clip
+    from liveavatar.models.vae import PatchVAE
+    from liveavatar.training.datamodule import ToyDataset
+
+    from conftest import tiny_config
+
+    dit = tiny_config(in_dim=12, out_dim=12, text_dim=32, text_len=16, audio_dim=16, audio_feature_dim=32,
+                      audio_layers_in=1, audio_blocks=[0])
+    data = ToyDataset(10, 3, dit, sink_motion_frames=5)
+    sample = data[4]
+    image = make_clip(data.clip_seed(4), 3).reference
+    expected = PatchVAE(2).encode(image[None, :, None].expand(-1, -1, 5, -1, -1).contiguous())[0]
+    assert sample["sink_motion"].shape == (12, 5, 16, 16)
+    torch.testing.assert_close(sample["sink_motion"], expected, rtol=0, atol=0)
+    assert "sink_motion" not in ToyDataset(10, 3, dit)[4]
+
+
+def test_diffusion_forcing_sees_the_sinks_motion_tokens(setup):
+    # Stage 1 with model.sink_motion: the batch's still-reference latents join every block's sink in the loss.
+    from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
+
+    model, context, _ = setup
+    g = torch.Generator().manual_seed(7)
+    batch = {"latents": torch.randn(1, 4, 2 * FPB, 8, 8, generator=g), "reference": torch.randn(1, 4, 1, 8, 8, generator=g),
+             "audio": features(2), "text": context}
+    loss_fn = FlowMatchingLoss(FlowLossConfig(drop_text=0, drop_audio=0), causal=True, frames_per_block=FPB)
+    plain, _ = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    batch["sink_motion"] = torch.randn(1, 4, 19, 8, 8, generator=g)
+    with_motion, _ = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    assert abs(with_motion.item() - plain.item()) > 1e-4 * plain.item()

@@ -208,15 +208,14 @@ def feature_blocks(extractor, wav: np.ndarray, video_frames: int, fps: float, di
     fpb, per_latent = dit.frames_per_block, dit.video_frames_per_latent
     if not dit.has_audio:
         return iter([None] * blocks_for(video_frames, fpb, per_latent))
-    if dit.family == "s2v":
-        if options.streaming:
-            raise UserError("audio_features.streaming=true is not available for the s2v family yet (its audio "
-                            "blocks are whole video-frame slices); use the whole-file features")
+    s2v = dit.family == "s2v"  # latent frame j pairs with video frames 4j.. (no first frame alone)
+    if not options.streaming and s2v:
         return iter(split_video_frames(extractor(wav, video_frames), fpb, per_latent,
                                        blocks_for(video_frames, fpb, per_latent)))
     if not options.streaming:
         return iter(split_into_blocks(extractor(wav, video_frames), fpb, per_latent))
-    stream = StreamingAudioFeatures(extractor, fps, fpb, per_latent, options.lookback_s, SAMPLE_RATE)
+    stream = StreamingAudioFeatures(extractor, fps, fpb, per_latent, options.lookback_s, SAMPLE_RATE,
+                                    first_frame_alone=not s2v)
     chunk = options.chunk_samples or max(1, math.ceil(stream.block_seconds * SAMPLE_RATE))
     return _causal(stream, (wav[i : i + chunk] for i in range(0, len(wav), chunk)))
 
@@ -425,7 +424,8 @@ class LiveAvatarPipeline:
         """Causal features of a live source -> (block features iterator, video frames once known)."""
         extractor = self.audio_encoder if self.dit.has_audio else _Silence()
         stream = StreamingAudioFeatures(extractor, self.fps, self.dit.frames_per_block,
-                                        self.dit.video_frames_per_latent, self.audio_options.lookback_s, SAMPLE_RATE)
+                                        self.dit.video_frames_per_latent, self.audio_options.lookback_s, SAMPLE_RATE,
+                                        first_frame_alone=self.dit.family != "s2v")
         limit = None if max_seconds is None else int(float(max_seconds) * SAMPLE_RATE)
         ended: dict[str, int] = {}
 

@@ -54,6 +54,8 @@ class Settings:
         default_prompt: the caption of videos without a ``.txt``.
         audio_context: ``"clip"``: features of the whole clip's audio, cut per window (how ``infer.py`` computes
             them, so training sees the features inference will); ``"window"``: features of each window's audio alone.
+        sink_motion_frames: with ``n > 0`` each sample also holds ``sink_motion``, the latents of its reference frame
+            held still for ``n`` video frames (``model.sink_motion``: the sink's FramePack motion tokens).
     """
 
     fps: float
@@ -63,6 +65,7 @@ class Settings:
     reference_frame: str | int = "first"
     default_prompt: str = "a person talking to the camera"
     audio_context: str = "clip"
+    sink_motion_frames: int = 0
 
     def __post_init__(self):
         if self.fps <= 0:
@@ -76,6 +79,8 @@ class Settings:
         ref = self.reference_frame
         if not (ref in ("first", "last") or (isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0)):
             raise ValueError(f"data.reference_frame={ref}: expected {REFERENCE_CHOICES}")
+        if self.sink_motion_frames < 0:
+            raise ValueError(f"sink_motion_frames={self.sink_motion_frames}: must not be negative")
         if self.audio_context not in AUDIO_CONTEXTS:
             raise ValueError(f"data.audio_context={self.audio_context}: expected one of {', '.join(AUDIO_CONTEXTS)}")
 
@@ -87,7 +92,9 @@ class Settings:
             ref = int(ref)
         return cls(fps=float(cfg.model.fps), size=tuple(int(v) for v in cfg.model.resolution),
                    latent_frames=int(d.clip_latent_frames), shard_size=int(d.shard_size), reference_frame=ref,
-                   default_prompt=str(d.default_prompt), audio_context=str(d.audio_context))
+                   default_prompt=str(d.default_prompt), audio_context=str(d.audio_context),
+                   sink_motion_frames=int(cfg.model.dit.get("motion_video_frames", 73)) if cfg.model.get("sink_motion")
+                   else 0)
 
 
 @dataclass
@@ -119,15 +126,24 @@ class Encoders:
             "text_len": int(self.text.text_len), "text_dim": int(self.text.text_dim),
             "fps": settings.fps, "sample_rate": SAMPLE_RATE,
             "vae": self.vae_kind, "vae_time_factor": int(self.vae.time_factor), "vae_space_factor": int(f),
+            "sink_motion_latents": self.latent_frames_of(settings.sink_motion_frames),
         }
+
+    def latent_frames_of(self, video_frames: int) -> int:
+        """Latent frames the VAE makes of ``video_frames`` (0 of 0): the first frame alone, then one per
+        ``time_factor``."""
+        return 0 if video_frames <= 0 else 1 + (video_frames - 1) // int(self.vae.time_factor)
 
     @staticmethod
     def sample_shapes(shapes: dict) -> dict[str, tuple[int, ...]]:
         """Per-sample tensor shapes from the manifest's ``shapes``."""
         c, fr, h, w = (shapes[k] for k in ("latent_channels", "latent_frames", "latent_height", "latent_width"))
-        return {"latents": (c, fr, h, w), "reference": (c, 1, h, w),
-                "audio": (shapes["video_frames"], shapes["audio_layers"], shapes["audio_feature_dim"]),
-                "text": (shapes["text_len"], shapes["text_dim"])}
+        out = {"latents": (c, fr, h, w), "reference": (c, 1, h, w),
+               "audio": (shapes["video_frames"], shapes["audio_layers"], shapes["audio_feature_dim"]),
+               "text": (shapes["text_len"], shapes["text_dim"])}
+        if shapes.get("sink_motion_latents"):
+            out["sink_motion"] = (c, shapes["sink_motion_latents"], h, w)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -257,8 +273,11 @@ class VideoEncoder:
         if reference is None:
             raise SkipVideo(f"has {count} frames at {s.fps:g} fps, fewer than data.reference_frame={s.reference_frame} + 1")
         ref_latent = self.encode_frames([reference])  # [C, 1, h, w]
+        still = self.encode_frames([reference] * s.sink_motion_frames) if s.sink_motion_frames else None
         for sample in samples:
             sample["reference"] = ref_latent
+            if still is not None:
+                sample["sink_motion"] = still
         return samples
 
     def _sample(self, frames, start, wav, clip_features, text, text_len, source) -> dict:

@@ -7,13 +7,17 @@ One sample (what the training code consumes, what :class:`ShardDataset` returns)
      "audio":     float32 [V, layers, feat]   audio features, one row per video frame of the window,
      "text":      float32 [text_len, text_dim] caption embedding, zero past ``text_len``,
      "text_len":  int64 scalar tensor          tokens of the caption,
+     "sink_motion": float32 [C, K, h, w]       (only with ``model.sink_motion``) the reference frame held still,
+                                               VAE-encoded: the latents of the sink's FramePack motion tokens,
      "source":    str                          video path relative to the input folder,
      "start":     int}                         first video frame (at the model's fps) of the window
 
 A shard ``shard-NNNNN.safetensors`` stacks up to ``shard_size`` samples: ``latents [N, ...]``, ``reference
 [N, ...]``, ``audio [N, ...]``, ``start [N]``. Captions are stored once per distinct caption in the shard
 (``text [U, text_len, text_dim]``, ``text_len [U]``, ``text_index [N]``): every window of a video shares its
-caption, and at umT5's width (512 x 4096 floats, 8 MB) it would otherwise outweigh the latents.
+caption, and at umT5's width (512 x 4096 floats, 8 MB) it would otherwise outweigh the latents. ``sink_motion``
+is stored the same way, once per run of samples with the same one (``sink_motion [U2, ...]``,
+``sink_motion_index [N]``): it belongs to the video, not the window.
 
 ``manifest.json`` is written last and atomically; a folder without one is not a finished dataset.
 """
@@ -47,7 +51,6 @@ FORMAT = "liveavatar-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
-TENSOR_KEYS = ("latents", "reference", "audio", "text")
 
 
 def shard_name(index: int) -> str:
@@ -100,7 +103,7 @@ class ShardWriter:
         return len(self.samples) + len(self._pending)
 
     def add(self, sample: dict) -> None:
-        for key in TENSOR_KEYS:
+        for key in self.shapes:
             got = tuple(sample[key].shape)
             if got != self.shapes[key]:
                 raise ValueError(f"sample {key} of {sample['source']} has shape {got}, the shards hold {self.shapes[key]}")
@@ -123,6 +126,14 @@ class ShardWriter:
                 lengths.append(int(s["text_len"]))
             index.append(len(texts) - 1)
         tensors = {key: torch.stack([s[key] for s in batch]).float().contiguous() for key in ("latents", "reference", "audio")}
+        if "sink_motion" in self.shapes:  # one per video: stored once per run of samples that share it
+            still, still_index = [], []
+            for s in batch:
+                if not still or not torch.equal(s["sink_motion"], still[-1]):
+                    still.append(s["sink_motion"])
+                still_index.append(len(still) - 1)
+            tensors.update(sink_motion=torch.stack(still).float().contiguous(),
+                           sink_motion_index=torch.tensor(still_index, dtype=torch.int64))
         tensors.update(
             text=torch.stack(texts).float().contiguous(),
             text_len=torch.tensor(lengths, dtype=torch.int64),
@@ -273,11 +284,14 @@ class ShardDataset(Dataset):
 
         u = int(rows("text_index", row))
         meta = self._samples[index]
-        return {
+        sample = {
             "latents": rows("latents", row), "reference": rows("reference", row), "audio": rows("audio", row),
             "text": rows("text", u), "text_len": rows("text_len", u),
             "source": meta["source"], "start": int(meta["start"]),
         }
+        if self.shapes.get("sink_motion_latents"):
+            sample["sink_motion"] = rows("sink_motion", int(rows("sink_motion_index", row)))
+        return sample
 
     def __getstate__(self) -> dict:  # open files do not pickle; each worker reopens its own
         state = self.__dict__.copy()

@@ -36,11 +36,16 @@ class StreamingAudioFeatures:
         lookback_s: seconds of audio before a block's first video frame that the extractor sees with it (rounded
             to whole video frames). 0: each block alone.
         sample_rate: of the pushed audio.
+        first_frame_alone: how latent frames pair with video frames. True (Wan2.1's VAE pairing): latent frame 0 is
+            video frame 0 alone; False (Wan2.2-S2V, Live Avatar's release): latent frame ``j`` is video frames
+            ``per_latent * j`` onwards.
 
-    ``push(samples)`` and ``flush()`` return lists of block features ``[1, frames_per_block, per_latent, layers,
-    feat]`` on the extractor's device, in order, exactly the layout one element of ``split_into_blocks`` has.
-    Block ``b`` covers video frame 0 alone for ``b = 0`` (repeated ``per_latent`` times, as in
-    :func:`group_by_latent_frame`) and ``per_latent * frames_per_block`` frames otherwise.
+    ``push(samples)`` and ``flush()`` return lists of block features on the extractor's device, in order, exactly
+    the layout one element of the offline split has. With ``first_frame_alone``: ``[1, frames_per_block,
+    per_latent, layers, feat]`` (:func:`split_into_blocks`); block ``b`` covers video frame 0 alone for ``b = 0``
+    (repeated ``per_latent`` times, as in :func:`group_by_latent_frame`) and ``per_latent * frames_per_block``
+    frames otherwise. Without: ``[1, per_latent * frames_per_block, layers, feat]``, the block's video frames
+    (:func:`split_video_frames`).
 
     Each block is computed from the extractor run over ``[block start - lookback, block end)``; the waveform is
     normalised with the statistics of that window only (what wav2vec2's feature extractor does per call).
@@ -48,7 +53,7 @@ class StreamingAudioFeatures:
     """
 
     def __init__(self, extractor, fps: float, frames_per_block: int, video_frames_per_latent: int = 4,
-                 lookback_s: float = 2.0, sample_rate: int = SAMPLE_RATE):
+                 lookback_s: float = 2.0, sample_rate: int = SAMPLE_RATE, first_frame_alone: bool = True):
         if frames_per_block < 1 or video_frames_per_latent < 1:
             raise ValueError(f"frames_per_block={frames_per_block}, video_frames_per_latent={video_frames_per_latent}: "
                              "must be >= 1")
@@ -59,6 +64,7 @@ class StreamingAudioFeatures:
         if self.fps <= 0:
             raise ValueError(f"fps={fps}: must be positive")
         self.fpb, self.per_latent = int(frames_per_block), int(video_frames_per_latent)
+        self.first_frame_alone = bool(first_frame_alone)
         self.sample_rate = int(sample_rate)
         self.lookback_frames = round(lookback_s * float(self.fps))
         self.device = torch.device(getattr(extractor, "device", "cpu"))
@@ -85,6 +91,8 @@ class StreamingAudioFeatures:
     def block_frames(self, block: int) -> tuple[int, int]:
         """Video frames ``[first, end)`` of ``block`` (before padding)."""
         p, f = self.per_latent, self.fpb
+        if not self.first_frame_alone:
+            return p * f * block, p * f * (block + 1)
         first = 0 if block == 0 else p * (block * f - 1) + 1
         return first, p * ((block + 1) * f - 1) + 1
 
@@ -125,7 +133,7 @@ class StreamingAudioFeatures:
     @torch.no_grad()
     def flush(self) -> list[torch.Tensor]:
         """The audio has ended: return the remaining blocks, the last one padded with its final video frame (as
-        ``split_into_blocks`` pads), so that all blocks together number ``blocks_for(frames_in(received))``."""
+        the offline split pads), so that all blocks together number ``blocks_for(frames_in(received))``."""
         self._closed = True
         frames = self.frames_in(self._received)
         out = []
@@ -144,25 +152,28 @@ class StreamingAudioFeatures:
             self._buf_start = keep_from
 
     def _block(self, block: int, end: int) -> torch.Tensor:
-        """Features of ``block``'s video frames below ``end`` (padded to the full block) -> ``[1, F, per_latent,
-        layers, feat]``."""
+        """Features of ``block``'s video frames below ``end`` (padded to the full block), in the class's layout."""
         first, full_end = self.block_frames(block)
         start = self._window_start(block)
         a, b = self.boundary(start) - self._buf_start, self.boundary(end) - self._buf_start
         feats = self.extractor(self._buf[a:b], end - start)[:, first - start :]  # [1, end - first, layers, feat]
-        if block == 0:  # video frame 0 forms latent frame 0 alone
+        if block == 0 and self.first_frame_alone:  # video frame 0 forms latent frame 0 alone
             return group_by_latent_frame(feats, self.fpb, self.per_latent)
         missing = full_end - end
         if missing:
             feats = torch.cat([feats, feats[:, -1:].expand(-1, missing, *feats.shape[2:])], dim=1)
+        if not self.first_frame_alone:
+            return feats
         return feats.reshape(1, self.fpb, self.per_latent, *feats.shape[2:])
 
 
 def stream_blocks(extractor, wav: np.ndarray | torch.Tensor, fps: float, frames_per_block: int,
-                  video_frames_per_latent: int, lookback_s: float, chunk_samples: int | None = None) -> list[torch.Tensor]:
+                  video_frames_per_latent: int, lookback_s: float, chunk_samples: int | None = None,
+                  first_frame_alone: bool = True) -> list[torch.Tensor]:
     """Feed ``wav`` ``[samples]`` through :class:`StreamingAudioFeatures` in chunks of ``chunk_samples`` (default:
     one block's duration), as a live input would arrive, and return every block's features."""
-    stream = StreamingAudioFeatures(extractor, fps, frames_per_block, video_frames_per_latent, lookback_s)
+    stream = StreamingAudioFeatures(extractor, fps, frames_per_block, video_frames_per_latent, lookback_s,
+                                    first_frame_alone=first_frame_alone)
     if chunk_samples is None:
         chunk_samples = max(1, math.ceil(stream.block_seconds * stream.sample_rate))
     blocks = []

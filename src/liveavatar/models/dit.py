@@ -52,6 +52,12 @@ def first_frame_condition(x: torch.Tensor, t: torch.Tensor, image: torch.Tensor)
     return x, t
 
 
+def token_segments(sizes: list[int], device) -> torch.Tensor:
+    """``[sum(sizes)]``: the modulation row of every token when row ``i`` covers ``sizes[i]`` consecutive tokens. Built
+    on the host from the (host) sizes and copied over: expanding by sizes on the device would wait for it."""
+    return torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes)).to(device)
+
+
 class SelfAttentionFn(Protocol):
     """How a block's self-attention is computed: given the block index and un-rotated ``q, k, v``
     ``[B, L, H, D]``, return ``[B, L, H * D]`` (before the output projection)."""
@@ -489,8 +495,7 @@ class AvatarDiT(nn.Module):
                 motion_tokens, sink_extra = self.embed_motion(motion_latents)
                 sink.append(motion_tokens)
                 extra_tokens = motion_tokens.shape[1]
-                sizes = torch.tensor([h * w] * sink_frames + [extra_tokens] + [h * w] * (k + frames), device=x.device)
-                segments = torch.arange(len(sizes), device=x.device).repeat_interleave(sizes)
+                segments = token_segments([h * w] * sink_frames + [extra_tokens] + [h * w] * (k + frames), x.device)
             tokens = torch.cat([*sink, tokens], dim=1)
             t = torch.cat([t.new_zeros(b, sink_frames + (extra_tokens > 0)), t], dim=1)
         else:
@@ -543,9 +548,7 @@ class AvatarDiT(nn.Module):
             angles.insert(1, motion_angles)
             # The motion tokens (t = 0) form one extra modulation row after the reference's frames.
             t_rows = torch.cat([t.new_zeros(b, r + 1), t], dim=1)
-            per_frame = torch.arange(r + 1 + frames, device=x.device)
-            sizes = torch.tensor([h * w] * r + [motion_tokens.shape[1]] + [h * w] * frames, device=x.device)
-            segments = per_frame.repeat_interleave(sizes)
+            segments = token_segments([h * w] * r + [motion_tokens.shape[1]] + [h * w] * frames, x.device)
         tokens = torch.cat(tokens, dim=1)
         rope = RotaryTable(torch.cat(angles))
         audio_tokens = self.embed_audio(audio, frames) if audio is not None else None

@@ -39,12 +39,15 @@ class ToyDataset(Dataset):
         prompt: the (constant) caption, embedded once.
         motion_frames: ``K``: the clip is the last ``latent_frames`` frames of a ``K + latent_frames`` stream, and
             the sample's ``motion`` holds the ``K`` before it.
+        sink_motion_frames: with ``n > 0`` the sample's ``sink_motion`` holds the latents of the reference image held
+            still for ``n`` video frames (``model.sink_motion``).
     """
 
     def __init__(self, size: int, latent_frames: int, dit: DiTConfig, preset: Mapping | None = None, seed: int = 0,
-                 prompt: str = "a person talking to the camera", motion_frames: int = 0):
+                 prompt: str = "a person talking to the camera", motion_frames: int = 0,
+                 sink_motion_frames: int = 0):
         self.size, self.frames, self.seed = int(size), int(latent_frames), int(seed)
-        self.motion_frames = int(motion_frames)
+        self.motion_frames, self.sink_motion_frames = int(motion_frames), int(sink_motion_frames)
         if self.motion_frames < 0:
             raise ValueError(f"data.motion_frames must not be negative, got {motion_frames}")
         # The text encoder follows the DiT being trained, whatever the preset's dit section says.
@@ -84,6 +87,9 @@ class ToyDataset(Dataset):
         }
         if k:
             sample["motion"] = latents[:, :k]
+        if self.sink_motion_frames:
+            still = clip.reference[None, :, None].expand(-1, -1, self.sink_motion_frames, -1, -1)
+            sample["sink_motion"] = self.vae.encode(still.contiguous())[0]
         return sample
 
 
@@ -109,6 +115,8 @@ class AvatarDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings, dit: DiTConfig, model_preset: dict):
         super().__init__()
         self.settings, self.dit, self.preset = settings, dit, model_preset
+        # model.sink_motion: every sample carries the latents of its reference held still (the sink's motion tokens)
+        self.sink_motion_frames = dit.motion_video_frames if model_preset.get("sink_motion") else 0
         self.dataset: Dataset | None = None
 
     def build(self) -> Dataset:
@@ -117,7 +125,8 @@ class AvatarDataModule(L.LightningDataModule):
             vae, enc = self.preset["vae"], self.preset["audio_encoder"]
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
                 raise ValueError("data=toy needs a model preset with the patch VAE and energy_mel audio (model=tiny)")
-            return ToyDataset(s.size, s.latent_frames, self.dit, self.preset, s.seed, s.prompt, s.motion_frames)
+            return ToyDataset(s.size, s.latent_frames, self.dit, self.preset, s.seed, s.prompt, s.motion_frames,
+                              self.sink_motion_frames)
         if s.kind == "shards":
             from ..data.shards import ShardDataset
 
@@ -129,6 +138,9 @@ class AvatarDataModule(L.LightningDataModule):
                                  f"data.motion_frames=0")
             dataset = ShardDataset(s.path)
             dataset.check(self.dit)
+            if self.sink_motion_frames and not dataset.shapes.get("sink_motion_latents"):
+                raise ValueError(f"model.sink_motion=true: the shards in {s.path} hold no sink motion latents; "
+                                 f"preprocess them with model.sink_motion=true")
             return dataset
         raise ValueError(f"data.kind must be toy or shards, got {s.kind!r}")
 

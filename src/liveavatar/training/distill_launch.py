@@ -55,10 +55,11 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def model_keys(cfg: DictConfig) -> dict:
-    """The model keys a Stage 2 module takes: the DiT, and the streaming window and position policy."""
+    """The model keys a Stage 2 module takes: the DiT, and the streaming window, sink contents and position policy."""
     return {
         "dit": OmegaConf.to_container(cfg.model.dit, resolve=True),
         "window_blocks": int(cfg.model.get("window_blocks", 3)),
+        "sink_motion": bool(cfg.model.get("sink_motion", False)),
         "rope": OmegaConf.to_container(cfg.model.rope, resolve=True) if cfg.model.get("rope") else {},
     }
 

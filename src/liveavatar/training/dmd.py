@@ -115,7 +115,8 @@ class DMDModule(L.LightningModule):
         self.engine_settings = EngineSettings(
             steps=[float(t) for t in s.steps], shift=s.shift, sink=s.sink, sink_switch_block=s.sink_switch_block,
             window_blocks=int(model.get("window_blocks", 3)), rope_policy=rope.get("policy", "rolling"),
-            rapr_distance=int(rope.get("max_distance", 10)), rolling_offset=rope.get("rolling_offset"))
+            rapr_distance=int(rope.get("max_distance", 10)), rolling_offset=rope.get("rolling_offset"),
+            sink_motion=bool(model.get("sink_motion", False)))
         self.generator: AvatarDiT | None = None
         self.critic: AvatarDiT | None = None
         self.teacher: AvatarDiT | None = None
@@ -203,8 +204,9 @@ class DMDModule(L.LightningModule):
         for i in range(b):
             seed = derived_seed(self.seed, step, substep, NOISE, self._rank() * b + i)
             reference = None if cond.reference is None else cond.reference[i : i + 1]
+            motion = None if cond.sink_motion is None else cond.sink_motion[i : i + 1]
             core = StreamCore(self.generator, self.engine_settings, (c, h, w), cond.text[i : i + 1], reference,
-                              seed=seed, lanes=1)
+                              seed=seed, lanes=1, sink_motion=motion)
             audio = [None if cond.audio is None else cond.audio[i : i + 1, k : k + f] for k in range(0, frames, f)]
             out.append((SelfForcingRollout(core, self.rollout_settings), audio))
         return out

@@ -52,23 +52,26 @@ class DMDLossConfig:
 @dataclass
 class Conditions:
     """A batch's conditioning: ``text [B, L, text_dim]``, ``audio`` grouped by latent frame
-    ``[B, F, per_latent, layers, feat]`` (or None), ``reference [B, C, 1, H, W]`` (or None)."""
+    ``[B, F, per_latent, layers, feat]`` (or None), ``reference [B, C, 1, H, W]`` (or None), and the sink's motion
+    latents ``[B, C, K, H, W]`` (``model.sink_motion``; or None)."""
 
     text: torch.Tensor
     audio: torch.Tensor | None
     reference: torch.Tensor | None
+    sink_motion: torch.Tensor | None = None
 
     def unconditional(self) -> "Conditions":
         """Text and audio zeroed, the reference kept: the dropped-out input of Stage 0/1."""
         audio = None if self.audio is None else torch.zeros_like(self.audio)
-        return Conditions(torch.zeros_like(self.text), audio, self.reference)
+        return Conditions(torch.zeros_like(self.text), audio, self.reference, self.sink_motion)
 
     @staticmethod
     def cat(a: "Conditions", b: "Conditions") -> "Conditions":
         """Both along the batch (one forward for the conditional and unconditional halves)."""
         audio = None if a.audio is None else torch.cat([a.audio, b.audio])
         reference = None if a.reference is None else torch.cat([a.reference, b.reference])
-        return Conditions(torch.cat([a.text, b.text]), audio, reference)
+        motion = None if a.sink_motion is None else torch.cat([a.sink_motion, b.sink_motion])
+        return Conditions(torch.cat([a.text, b.text]), audio, reference, motion)
 
 
 def batch_conditions(batch: dict, config) -> Conditions:
@@ -82,7 +85,8 @@ def batch_conditions(batch: dict, config) -> Conditions:
     if audio is not None:
         audio = group_for_family(audio, frames, config.video_frames_per_latent, config.family)
     reference = batch.get("reference") if config.reference != "none" else None
-    return Conditions(batch["text"], audio, reference)
+    motion = batch.get("sink_motion") if config.reference == "sink" else None
+    return Conditions(batch["text"], audio, reference, motion)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +147,9 @@ class DMDLoss:
         dtype = next(model.parameters()).dtype
         audio = None if cond.audio is None or not model.config.has_audio else cond.audio.to(dtype)
         reference = None if cond.reference is None else cond.reference.to(dtype)
-        return model(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=False, reference=reference)
+        motion = None if cond.sink_motion is None else cond.sink_motion.to(dtype)
+        return model(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=False, reference=reference,
+                     motion_latents=motion)
 
     def real_x0(self, teacher: AvatarDiT, xt: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
         """The teacher's guided clean estimate ``cond + g (cond - uncond)`` ``[B, C, F, H, W]`` (float32); one

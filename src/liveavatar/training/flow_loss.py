@@ -110,7 +110,8 @@ class FlowMatchingLoss:
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``model`` on ``batch`` (the sample format of :mod:`liveavatar.data`):
         ``latents [B, C, F, h, w]``, ``reference [B, C, 1, h, w]``, ``audio [B, V, layers, feat]``,
-        ``text [B, L, text_dim]``, optionally ``motion [B, C, K, h, w]``. Returns the scalar loss and per-batch
+        ``text [B, L, text_dim]``, optionally ``motion [B, C, K, h, w]`` and ``sink_motion [B, C, K', h, w]`` (the
+        FramePack motion latents of the sink, ``model.sink_motion``). Returns the scalar loss and per-batch
         statistics for logging."""
         x0 = batch["latents"].float()
         b, _, frames = x0.shape[:3]
@@ -142,6 +143,8 @@ class FlowMatchingLoss:
         first_frame = model.config.reference == "first_frame"
         if first_frame:
             reference = x0[:, :, :1]
+        if batch.get("sink_motion") is not None:
+            placement["motion_latents"] = batch["sink_motion"].to(dtype)
         v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
                   causal=self.causal, reference=None if reference is None else reference.to(dtype), **placement)
         target = self.flow.velocity_target(x0, noise)

@@ -94,6 +94,8 @@ def ode_regression_loss(student: AvatarDiT, states: torch.Tensor, target: torch.
     dtype = next(student.parameters()).dtype
     audio = None if cond.audio is None or not student.config.has_audio else cond.audio.to(dtype)
     reference = None if cond.reference is None else cond.reference.to(dtype)
+    if cond.sink_motion is not None:  # model.sink_motion: the sink's FramePack tokens, as the student streams
+        placement["motion_latents"] = cond.sink_motion.to(dtype)
     v = student(xt.to(dtype), t, cond.text.to(dtype), audio=audio, causal=True, reference=reference, **placement)
     x0 = flow.x0_from_velocity(xt, v.float(), t)
     return F.mse_loss(x0, target.float())
