@@ -40,7 +40,6 @@ import release_causal_driver as release  # noqa: E402
 from liveavatar.engine.stream import EngineSettings, StreamCore  # noqa: E402
 from liveavatar.models import AvatarDiT, DiTConfig  # noqa: E402
 
-RELEASE_TIMESTEPS = [1000.0, 857.6923, 602.1505, 8.9286]  # diffusers' Euler, 4 steps, shift 3 (applied twice)
 
 
 def our_config(original: dict) -> DiTConfig:
@@ -92,19 +91,8 @@ def main(argv=None) -> int:
     ours_model = AvatarDiT(our_config(original)).eval()
     ours_model.load_state_dict(weights, strict=True)
 
-    g = torch.Generator().manual_seed(args.seed + 1)
-    h = w = 16
     n = args.blocks
-    ref = torch.randn(1, 16, 1, h, w, generator=g)
-    inputs = dict(
-        ref_latents=ref,
-        motion_latents=ref.repeat(1, 1, 19, 1, 1) + 0.1 * torch.randn(1, 16, 19, h, w, generator=g),
-        context=torch.randn(1, 5, original["text_dim"], generator=g),
-        noise_blocks=[torch.randn(1, 16, 3, h, w, generator=g) for _ in range(n)],
-        timesteps=[RELEASE_TIMESTEPS[b % len(RELEASE_TIMESTEPS)] for b in range(n)],
-        audio=torch.randn(1, release.NUM_AUDIO_LAYERS, original["audio_dim"], 12 * n, generator=g),
-        cond=None,
-    )
+    inputs = release.random_inputs(original, 16, 16, n, seed=args.seed + 1)
     results = {}
     for d in args.offsets:
         theirs = release.run_release(str(args.liveavatar), original, weights, inputs, fixed_D=d)

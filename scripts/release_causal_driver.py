@@ -522,6 +522,25 @@ def random_state_dict(model, seed=0, std=0.05):
     return sd
 
 
+RELEASE_TIMESTEPS = [1000.0, 857.6923, 602.1505, 8.9286]  # diffusers' Euler, 4 steps, shift 3 (applied twice)
+
+
+def random_inputs(config: dict, h: int, w: int, blocks: int, seed: int) -> dict:
+    """Random ``run_release`` inputs: a reference latent, motion latents near it (a still reference with a little
+    noise), a text context, one noisy input per block at the release's timesteps in turn, audio features."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(1, 16, 1, h, w, generator=g)
+    return dict(
+        ref_latents=ref,
+        motion_latents=ref.repeat(1, 1, 19, 1, 1) + 0.1 * torch.randn(1, 16, 19, h, w, generator=g),
+        context=torch.randn(1, 5, config["text_dim"], generator=g),
+        noise_blocks=[torch.randn(1, 16, NUM_FRAMES_PER_BLOCK, h, w, generator=g) for _ in range(blocks)],
+        timesteps=[RELEASE_TIMESTEPS[b % len(RELEASE_TIMESTEPS)] for b in range(blocks)],
+        audio=torch.randn(1, NUM_AUDIO_LAYERS, config["audio_dim"], VIDEO_FRAMES_PER_BLOCK * blocks, generator=g),
+        cond=None,
+    )
+
+
 def _extract_default_root(root="/tmp/la",
                           mirror="/work/.mirror/Alibaba-Quark+LiveAvatar/repo"):
     if not os.path.isfile(os.path.join(root, "liveavatar/models/wan/causal_model_s2v.py")):
@@ -546,17 +565,7 @@ def _smoke():
     model = build_release_model(root, cfg)
     sd = random_state_dict(model, seed=0)
     del model
-    g = torch.Generator().manual_seed(1)
-    ref = torch.randn(1, 16, 1, H, W, generator=g)
-    inputs = dict(
-        ref_latents=ref,
-        motion_latents=ref.repeat(1, 1, 19, 1, 1) + 0.1 * torch.randn(1, 16, 19, H, W, generator=g),
-        context=torch.randn(1, 5, cfg["text_dim"], generator=g),
-        noise_blocks=[torch.randn(1, 16, 3, H, W, generator=g) for _ in range(N)],
-        timesteps=[1000.0, 857.6923, 602.1505, 8.9286, 1000.0, 857.6923, 602.1505],
-        audio=torch.randn(1, NUM_AUDIO_LAYERS, cfg["audio_dim"], 12 * N, generator=g),
-        cond=None,
-    )
+    inputs = random_inputs(cfg, H, W, N, seed=1)
     outs = run_release(root, cfg, sd, inputs, fixed_D=20)
     for b, o in enumerate(outs):
         print(f"block {b}: shape {tuple(o.shape)} norm {o.norm().item():.6f}")
