@@ -18,7 +18,8 @@ from liveavatar.models import AvatarDiT
 from liveavatar.training.datamodule import ToyDataset, collate
 from liveavatar.training.distill_launch import build_dmd_module, check_trainer, distill
 from liveavatar.training.dmd import NonFiniteError
-from liveavatar.training.dmd_loss import Conditions, DMDLoss, DMDLossConfig, dmd_generator_loss, dmd_gradient
+from liveavatar.training.dmd_loss import (Conditions, DMDLoss, DMDLossConfig, dmd_generator_loss, dmd_gradient,
+                                         sid_generator_loss)
 from liveavatar.training.ema import ParameterEMA
 
 from conftest import randomise, tiny_config, tiny_preset
@@ -88,6 +89,66 @@ def test_dmd_gradient_and_loss_match_a_hand_computation():
     # A clip whose sample equals the real score has a zero normaliser: its gradient is zeroed, not infinite.
     same = dmd_gradient(real, real, fake)
     assert torch.isfinite(same).all() and same.abs().sum() == 0
+
+
+def test_sid_loss_matches_a_hand_computation():
+    x = torch.tensor([1.0, 3.0, -2.0, 0.5]).reshape(2, 1, 1, 1, 2)
+    real = torch.tensor([0.0, 1.0, -1.0, 0.5]).reshape(2, 1, 1, 1, 2)
+    fake = torch.tensor([2.0, 2.0, 1.0, 1.5]).reshape(2, 1, 1, 1, 2)
+    # w: clip 0 mean |x - real| = 1.5, clip 1 = 0.5; real - fake = -2, -1 | -2, -1; real - x = -1, -2 | 1, 0
+    alpha = 1.2
+    terms = [(-2) * (-1 - alpha * -2) / 1.5, (-1) * (-2 - alpha * -1) / 1.5,
+             (-2) * (1 - alpha * -2) / 0.5, (-1) * (0 - alpha * -1) / 0.5]
+    leaf = x.clone().double().requires_grad_(True)
+    loss = sid_generator_loss(leaf, real, fake, alpha)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, torch.tensor(sum(terms) / 4, dtype=torch.float64), rtol=1e-12, atol=0)
+    # With the scores held constant only (real - x) depends on x (w is held constant): d/dx = -(real - fake) / w.
+    loss.backward()
+    expected = torch.tensor([2 / 1.5, 1 / 1.5, 2 / 0.5, 1 / 0.5], dtype=torch.float64).reshape(2, 1, 1, 1, 2) / 4
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=0)
+
+
+def test_sid_differentiates_through_both_scores_and_trains_neither():
+    """float64: SiD's gradient at the video equals finite differences of its loss (same timestep and noise, the
+    normaliser w held at its value, as SiD holds it), through the teacher's and the critic's forwards; with the
+    scores held constant (DMD's stop) the derivative is another number. The teacher and the critic take no
+    gradient and stay trainable."""
+    module, batch = toy_module("distill.loss=sid", dtype=torch.float64)
+    cond, fn = module.conditions(batch), module.loss_fn
+    video = torch.randn(2, 12, 6, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t, noise = fn.draw(video, torch.Generator().manual_seed(11))
+
+    def scores(x):
+        xt = fn.flow.add_noise(x, noise, t)
+        return fn.real_x0(module.real_score, xt, t, cond), fn.fake_x0(module.critic, xt, t, cond)
+
+    with torch.no_grad():
+        real0, fake0 = scores(video)
+        w = (video - real0).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+
+        def loss_with_w_held(x):
+            real, fake = scores(x)
+            return ((real - fake) * ((real - x) - 1.2 * (real - fake)) / w).mean()
+
+        direction = torch.randn(video.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        # (the blocks compute their norms and modulation in float32, so the step cannot be tiny)
+        eps = 1e-2
+        numeric = (loss_with_w_held(video + eps * direction) - loss_with_w_held(video - eps * direction)) / (2 * eps)
+
+    leaf = video.clone().requires_grad_(True)
+    loss, _ = module.video_loss(leaf, cond, torch.Generator().manual_seed(11))
+    (grad,) = torch.autograd.grad(loss, leaf)
+    # measured: 4e-5 relative to the central difference; holding the scores constant is 3 % off
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-3, atol=1e-12)
+
+    stopped = video.clone().requires_grad_(True)
+    (grad_stopped,) = torch.autograd.grad(sid_generator_loss(stopped, real0, fake0, 1.2), stopped)
+    assert abs(float((grad_stopped * direction).sum()) - float(numeric)) > 1e-2 * abs(float(numeric))
+    assert all(p.grad is None and p.requires_grad for p in module.critic.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+    with pytest.raises(ValueError, match="distill.loss must be one of dmd, sid"):
+        build_dmd_module(compose_distill(*SMALL, "distill.loss=adversarial"))
 
 
 def test_real_score_is_cond_plus_guidance_times_cond_minus_uncond():
@@ -164,10 +225,11 @@ def generator_grads(module, batch, blockwise: bool, step: int) -> dict[str, torc
     return {n: p.grad.clone() for n, p in module.generator.named_parameters() if p.grad is not None}
 
 
-def test_blockwise_and_one_shot_generator_steps_give_the_same_gradient():
-    """float64, two clips of two blocks: the DMD gradient pushed back block by block equals the one-shot backward
-    to rounding (the rollouts, exit step and DMD noise are drawn from the same seeds in both)."""
-    module, batch = toy_module("distill.steps=[1000,750,500]", dtype=torch.float64)
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_blockwise_and_one_shot_generator_steps_give_the_same_gradient(loss):
+    """float64, two clips of two blocks: the DMD (or SiD) gradient pushed back block by block equals the one-shot
+    backward to rounding (the rollouts, exit step and loss noise are drawn from the same seeds in both)."""
+    module, batch = toy_module("distill.steps=[1000,750,500]", f"distill.loss={loss}", dtype=torch.float64)
     substep = module.settings.critic_steps_per_generator_step
     step = next(s for s in range(50) if module.exit_step(s, substep) > 0)  # no-grad steps before the exit
     one_shot = generator_grads(module, batch, blockwise=False, step=step)

@@ -5,8 +5,10 @@ One training step is one *generator* step, preceded by ``critic_steps_per_genera
 1. critic steps: roll the generator out over the batch's clips without gradient, then train the critic with the
    flow-matching loss on those samples (:meth:`DMDLoss.critic_loss`);
 2. generator step: roll the generator out through :class:`SelfForcingRollout` (one exit step for the whole
-   iteration), compute the DMD gradient at the rolled-out video with the teacher (guided) and the critic, and
-   back-propagate it through the rollout, one-shot or block by block (``distill.blockwise``).
+   iteration), compute the generator's loss at the rolled-out video with the teacher (guided) and the critic (DMD,
+   or SiD with ``distill.loss=sid``: differentiated through both scores), and back-propagate it through the
+   rollout, one-shot or block by block (``distill.blockwise``): block by block, the loss's gradient at the video is
+   taken first and then pushed into each block's exit forward.
 
 Optimization is manual (two optimizers). Lightning's ``global_step`` counts the optimizer steps taken through
 its own optimizer wrappers: the generator steps through one, the critic through the bare optimizer, so
@@ -21,6 +23,7 @@ stops with :class:`NonFiniteError` before stepping, so no non-finite weight reac
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -59,11 +62,28 @@ class DistillSettings:
     ema_decay: float | None = 0.99      # generator EMA, exported as the final model; null: off
     sink: str = "aas"                   # none | reference | aas (as the student will stream)
     sink_switch_block: int | None = None
+    loss: str = "dmd"                   # the generator's loss: dmd | sid (Score identity Distillation)
 
     def __post_init__(self):
+        if self.loss not in GENERATOR_LOSSES:
+            raise ValueError(f"distill.loss must be one of {', '.join(GENERATOR_LOSSES)}, got {self.loss!r}")
         if self.critic_steps_per_generator_step < 0:
             raise ValueError("distill.critic_steps_per_generator_step must not be negative, "
                              f"got {self.critic_steps_per_generator_step}")
+
+
+@contextlib.contextmanager
+def held_fixed(*modules: torch.nn.Module | None):
+    """Inside, the modules' parameters take no gradient (a loss may still be differentiated through them); the
+    trainable ones become trainable again on exit. Autograd decides at forward time, so the forward suffices."""
+    trainable = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -76,6 +96,9 @@ class DistillOptim:
     eps: float = 1e-8
     weight_decay: float = 0.01
     clip_grad_norm: float | None = 10.0   # per role; null: no clipping (the norm is still checked)
+
+
+GENERATOR_LOSSES = ("dmd", "sid")
 
 
 def derived_seed(*parts: int) -> int:
@@ -229,21 +252,30 @@ class DMDModule(L.LightningModule):
         generators = self.loss_generators(step, substep, batch["latents"].shape[0])
         if not self.settings.blockwise:
             video = torch.cat([r.run(audio, exit_step)[0] for r, audio in rollouts])
-            grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generators)
-            loss = self._drill("generator", step, dmd_generator_loss(video, grad))
+            loss, stats = self.video_loss(video, cond, generators)
+            loss = self._drill("generator", step, loss)
             self._backward(loss)
             return loss.detach(), stats
         with torch.no_grad():
             runs = [r.run(audio, exit_step, keep_graph=False) for r, audio in rollouts]
-        video = torch.cat([v for v, _ in runs])
-        grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generators)
-        leaf = video.detach().requires_grad_(True)
+        leaf = torch.cat([v for v, _ in runs]).detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = self._drill("generator", step, dmd_generator_loss(leaf, grad))
+            loss, stats = self.video_loss(leaf, cond, generators)
+            loss = self._drill("generator", step, loss)
             (grad_video,) = torch.autograd.grad(loss, leaf)
         for i, ((rollout, _), (_, records)) in enumerate(zip(rollouts, runs)):
             rollout.backward_blockwise(records, exit_step, grad_video[i : i + 1])
         return loss.detach(), stats
+
+    def video_loss(self, video: torch.Tensor, cond: Conditions, generators) -> tuple[torch.Tensor, dict]:
+        """The generator's loss as a function of the rolled-out ``video`` ``[B, C, F, H, W]`` (its graph kept) and
+        statistics: DMD's surrogate (the scores' difference, taken without gradient), or SiD's (differentiated
+        through the teacher and the critic, whose weights take no gradient from it)."""
+        if self.settings.loss == "sid":
+            with held_fixed(self.critic, self.teacher):
+                return self.loss_fn.sid_loss(self.real_score, self.critic, video, cond, generators)
+        grad, stats = self.loss_fn.gradient(self.real_score, self.critic, video, cond, generators)
+        return dmd_generator_loss(video, grad), stats
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Through Lightning's precision and strategy when a trainer runs the module, else plainly (tests)."""

@@ -1,5 +1,5 @@
-"""Stage 2's losses: Distribution Matching Distillation (DMD) for the generator and the flow-matching loss of the
-critic (the "fake score").
+"""Stage 2's losses: Distribution Matching Distillation (DMD) or Score identity Distillation (SiD) for the
+generator, and the flow-matching loss of the critic (the "fake score").
 
 Both score models are bidirectional full-sequence forwards of :class:`~liveavatar.models.dit.AvatarDiT` over the
 whole rolled-out clip, conditioned on the clip's reference, audio and text.
@@ -14,6 +14,11 @@ whole rolled-out clip, conditioned on the clip's reference, audio and text.
   generator's loss ``0.5 * mean((x - (x - grad).detach())^2)``, in float64, has the gradient ``grad / numel``
   with respect to ``x``: the generator is pushed from where the critic thinks its samples are toward where the
   teacher thinks real data is.
+- SiD (``distill.loss=sid``, StreamAvatar's Stage 1; Zhou et al. 2024): at the same re-noised ``x_t``, the loss
+  ``mean((real - fake) * ((real - x) - alpha (real - fake)) / w)`` with ``w = mean_{C,F,H,W} |x - real|``
+  (per clip, held constant), differentiated through both score networks (their weights held fixed) as well as
+  through ``x``: where DMD stops the gradient at the scores, SiD follows the identity that links them to ``x``.
+  ``alpha`` (``loss.sid_alpha``, 1.2 in the SiD paper) weighs the ``|real - fake|^2`` term.
 - The critic learns the generator's distribution with the flow-matching loss on detached generator samples.
 
 Timesteps of both losses: a uniform unshifted level in ``[min_t, max_t]`` mapped through the shifted table, so
@@ -37,6 +42,7 @@ class DMDLossConfig:
     """``loss.*`` keys of ``conf/distill.yaml``."""
 
     guidance_scale: float = 3.0     # classifier-free guidance of the real score (0: the conditional score)
+    sid_alpha: float = 1.2          # SiD only: weight of the -|real - fake|^2 term
     shift: float = 5.0              # shift of the schedule the DMD and critic timesteps are drawn from
     min_t: int = 20                 # unshifted range of those timesteps (of 1000)
     max_t: int = 980
@@ -87,6 +93,18 @@ def batch_conditions(batch: dict, config) -> Conditions:
     reference = batch.get("reference") if config.reference != "none" else None
     motion = batch.get("sink_motion") if config.reference == "sink" else None
     return Conditions(batch["text"], audio, reference, motion)
+
+
+def sid_generator_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Score identity Distillation's generator loss, a scalar (mean over all elements, float64):
+    ``(real - fake) * ((real - x) - alpha (real - fake)) / w`` with ``w = mean_{C,F,H,W} |x - real|`` per clip
+    (detached, at least 1e-5). ``x`` is the generated video, ``real_x0``/``fake_x0`` the scores' clean estimates at
+    its re-noised version; all ``[B, C, F, H, W]``, with their graphs."""
+    x, real, fake = x.double(), real_x0.double(), fake_x0.double()
+    with torch.no_grad():
+        w = (x - real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-5)
+    diff = real - fake
+    return (diff * ((real - x) - alpha * diff) / w).mean()
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +197,19 @@ class DMDLoss:
         real = self.real_x0(teacher, xt, t, cond)
         fake = self.fake_x0(critic, xt, t, cond)
         return dmd_gradient(x, real, fake), {"dmd_t": t.mean(), "real_fake_gap": (real - fake).abs().mean()}
+
+    def sid_loss(self, teacher: AvatarDiT, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
+                 generator: torch.Generator | Sequence[torch.Generator]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SiD's generator loss at the generated video ``x`` ``[B, C, F, H, W]`` (kept in the graph: the loss is
+        differentiated through both scores into ``x``; the caller keeps the scores' weights out of it), re-noised at
+        one drawn timestep per clip, and statistics for logging."""
+        t, noise = self.draw(x.detach(), generator)
+        xt = self.flow.add_noise(x, noise, t)
+        real = self.real_x0(teacher, xt, t, cond)
+        fake = self.fake_x0(critic, xt, t, cond)
+        loss = sid_generator_loss(x, real, fake, self.config.sid_alpha)
+        return loss, {"dmd_t": t.mean(), "real_fake_gap": (real - fake).detach().abs().mean()}
 
     def critic_loss(self, critic: AvatarDiT, x: torch.Tensor, cond: Conditions,
                     generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
