@@ -137,7 +137,7 @@ def test_sid_differentiates_through_both_scores_and_trains_neither():
         numeric = (loss_with_w_held(video + eps * direction) - loss_with_w_held(video - eps * direction)) / (2 * eps)
 
     leaf = video.clone().requires_grad_(True)
-    loss, _ = module.video_loss(leaf, cond, torch.Generator().manual_seed(11))
+    loss, _ = module.video_loss(leaf, batch, cond, torch.Generator().manual_seed(11))
     (grad,) = torch.autograd.grad(loss, leaf)
     # measured: 4e-5 relative to the central difference; holding the scores constant is 3 % off
     torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-3, atol=1e-12)

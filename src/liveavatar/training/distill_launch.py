@@ -9,12 +9,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .adversarial import AdversarialModule
 from .datamodule import AvatarDataModule, DataSettings
 from .dmd import DMDModule
 from .launch import fit
 from .ode_init import ODEInitModule
 
-STAGES = ("dmd", "ode_init")
+STAGES = ("dmd", "ode_init", "adversarial")
 
 # Fault drill: ``role:step`` (``critic:3``, ``generator:0``) makes that role's loss NaN at that generator step.
 NAN_ENV = "LIVEAVATAR_DISTILL_NAN_AT"
@@ -76,6 +77,14 @@ def build_dmd_module(cfg: DictConfig) -> DMDModule:
                      drill=parse_drill(os.environ.get(NAN_ENV)))
 
 
+def build_adversarial_module(cfg: DictConfig) -> AdversarialModule:
+    model, container = model_keys(cfg), lambda key: section(cfg, key)  # noqa: E731
+    return AdversarialModule(model, cfg.generator_from, cfg.teacher_from, container("distill"), container("loss"),
+                             container("optim"), container("lora"), container("adversarial"),
+                             bool(cfg.memory.gradient_checkpointing), int(cfg.seed),
+                             drill=parse_drill(os.environ.get(NAN_ENV)))
+
+
 def build_ode_module(cfg: DictConfig) -> ODEInitModule:
     model, container = model_keys(cfg), lambda key: section(cfg, key)  # noqa: E731
     if int(cfg.lora.get("rank", 0)) > 0:
@@ -95,7 +104,8 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict:
     if stage not in STAGES:
         raise ValueError(f"stage={stage}: expected one of {', '.join(STAGES)}")
     # config errors surface before the run folder is touched
-    module = build_dmd_module(cfg) if stage == "dmd" else build_ode_module(cfg)
+    builders = {"dmd": build_dmd_module, "ode_init": build_ode_module, "adversarial": build_adversarial_module}
+    module = builders[stage](cfg)
     f = module.dit_config.frames_per_block
     if cfg.data.kind == "toy" and int(cfg.data.latent_frames) % f:
         raise ValueError(f"data.latent_frames={cfg.data.latent_frames}: the rollout needs whole blocks of "
@@ -108,4 +118,4 @@ def distill(cfg: DictConfig, run_dir: Path) -> dict:
         return module, data
 
     return fit(cfg, run_dir, setup, stage=stage,
-               loss_key="train/generator_loss" if stage == "dmd" else "train/ode_loss")
+               loss_key="train/ode_loss" if stage == "ode_init" else "train/generator_loss")

@@ -149,16 +149,20 @@ class DMDModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.generator is not None:
             return
-        roles = build_roles(self.dit_config, self.generator_from, self.teacher_from, self.lora,
-                            self.gradient_checkpointing)
-        self.generator, self.critic, self.teacher = roles.generator, roles.critic, roles.teacher
+        self.generator, self.critic, self.teacher = self.build_roles()
         mesh = mesh_of(self)
         if mesh is not None:  # trainer=fsdp: each role sharded block by block (the frozen teacher too)
             for role in (self.generator, self.critic, self.teacher):
                 if role is not None:
-                    shard_dit(role, mesh, self.trainer.precision)
+                    shard_dit(getattr(role, "backbone", role), mesh, self.trainer.precision)
         if self.settings.ema_decay is not None:
             self.ema = ParameterEMA(self.generator, self.settings.ema_decay)
+
+    def build_roles(self) -> tuple[AvatarDiT, torch.nn.Module, AvatarDiT | None]:
+        """The generator, the critic and (full weights) the teacher, with their trainable flags set."""
+        roles = build_roles(self.dit_config, self.generator_from, self.teacher_from, self.lora,
+                            self.gradient_checkpointing)
+        return roles.generator, roles.critic, roles.teacher
 
     @property
     def model(self) -> AvatarDiT:
@@ -252,7 +256,7 @@ class DMDModule(L.LightningModule):
         generators = self.loss_generators(step, substep, batch["latents"].shape[0])
         if not self.settings.blockwise:
             video = torch.cat([r.run(audio, exit_step)[0] for r, audio in rollouts])
-            loss, stats = self.video_loss(video, cond, generators)
+            loss, stats = self.video_loss(video, batch, cond, generators)
             loss = self._drill("generator", step, loss)
             self._backward(loss)
             return loss.detach(), stats
@@ -260,16 +264,16 @@ class DMDModule(L.LightningModule):
             runs = [r.run(audio, exit_step, keep_graph=False) for r, audio in rollouts]
         leaf = torch.cat([v for v, _ in runs]).detach().requires_grad_(True)
         with torch.enable_grad():
-            loss, stats = self.video_loss(leaf, cond, generators)
+            loss, stats = self.video_loss(leaf, batch, cond, generators)
             loss = self._drill("generator", step, loss)
             (grad_video,) = torch.autograd.grad(loss, leaf)
         for i, ((rollout, _), (_, records)) in enumerate(zip(rollouts, runs)):
             rollout.backward_blockwise(records, exit_step, grad_video[i : i + 1])
         return loss.detach(), stats
 
-    def video_loss(self, video: torch.Tensor, cond: Conditions, generators) -> tuple[torch.Tensor, dict]:
-        """The generator's loss as a function of the rolled-out ``video`` ``[B, C, F, H, W]`` (its graph kept) and
-        statistics: DMD's surrogate (the scores' difference, taken without gradient), or SiD's (differentiated
+    def video_loss(self, video: torch.Tensor, batch: dict, cond: Conditions, generators) -> tuple[torch.Tensor, dict]:
+        """The generator's loss as a function of the rolled-out ``video`` ``[B, C, F, H, W]`` (its graph kept; the
+        ``batch`` it was rolled out for) and statistics: DMD's surrogate (the scores' difference, taken without gradient), or SiD's (differentiated
         through the teacher and the critic, whose weights take no gradient from it)."""
         if self.settings.loss == "sid":
             with held_fixed(self.critic, self.teacher):
