@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> RunReport | None:
     if cfg.engine.name == "tpp":
         return run_tpp(cfg)
     pipe = LiveAvatarPipeline.from_config(cfg)
-    stream = pipe.stream(cfg.image, cfg.audio, max_seconds=cfg.max_seconds)
+    stream = pipe.stream(cfg.image, cfg.audio, max_seconds=cfg.max_seconds, listen_audio=cfg.get("listen_audio"),
+                         audio_mask=cfg.get("audio_mask"))
     return write_video(cfg, stream, stream.fps, stream.audio, stream.blocks)
 
 
@@ -93,7 +94,8 @@ def run_tpp(cfg: DictConfig) -> RunReport | None:
 
     pipe = TPPPipeline(cfg)
     try:
-        stream = pipe.stream(cfg.image, cfg.audio, max_seconds=cfg.max_seconds)
+        stream = pipe.stream(cfg.image, cfg.audio, max_seconds=cfg.max_seconds, listen_audio=cfg.get("listen_audio"),
+                             audio_mask=cfg.get("audio_mask"))
         report = write_video(cfg, stream, stream.fps, stream.audio, stream.blocks) if stream is not None else None
         stats = pipe.rank_stats()
         if report is not None:

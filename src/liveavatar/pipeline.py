@@ -34,6 +34,7 @@ from .models import AvatarDiT, DiTConfig
 from .models.audio import blocks_for, split_into_blocks, split_video_frames
 from .models.audio_stream import StreamingAudioFeatures
 from .models.checkpoint import CheckpointError
+from .models.interaction import read_speaking_labels, speaking_from_voices, talk_listen_features
 from .models.lora import merge_lora
 from .models.text import load_precomputed
 
@@ -201,13 +202,25 @@ def prompt_context(prompt: str | os.PathLike | torch.Tensor, components: Compone
 
 
 def feature_blocks(extractor, wav: np.ndarray, video_frames: int, fps: float, dit: DiTConfig,
-                   options: AudioFeatureOptions) -> Iterator[torch.Tensor | None]:
+                   options: AudioFeatureOptions, listen: np.ndarray | None = None,
+                   speaking: np.ndarray | None = None) -> Iterator[torch.Tensor | None]:
     """Per-block audio features ``[1, frames_per_block, per_latent, layers, feat]`` of a whole waveform: one pass
     over all of it now, or (``options.streaming``) causally, chunk by chunk as the engine asks for blocks. None
-    per block for a DiT without audio."""
+    per block for a DiT without audio. A listening model (``model.dit.listening``) takes the two streams of
+    :func:`~liveavatar.models.interaction.talk_listen_features`: ``wav`` masked by ``speaking`` (``[video_frames]``,
+    default all speaking) and ``listen`` (the interlocutor's voice; default ``wav``, one mixed recording) by its
+    complement."""
     fpb, per_latent = dit.frames_per_block, dit.video_frames_per_latent
     if not dit.has_audio:
         return iter([None] * blocks_for(video_frames, fpb, per_latent))
+    if dit.listening:
+        if options.streaming:
+            raise UserError("audio_features.streaming=true is not built for listening models yet (two live streams); "
+                            "use the whole-file features")
+        talk = extractor(wav, video_frames)
+        other = talk if listen is None else extractor(_fit_length(listen, len(wav)), video_frames)
+        mask = torch.ones(video_frames) if speaking is None else torch.from_numpy(np.asarray(speaking, np.float32))
+        return iter(split_into_blocks(talk_listen_features(talk, other, mask), fpb, per_latent))
     s2v = dit.family == "s2v"  # latent frame j pairs with video frames 4j.. (no first frame alone)
     if not options.streaming and s2v:
         return iter(split_video_frames(extractor(wav, video_frames), fpb, per_latent,
@@ -218,6 +231,31 @@ def feature_blocks(extractor, wav: np.ndarray, video_frames: int, fps: float, di
                                     first_frame_alone=not s2v)
     chunk = options.chunk_samples or max(1, math.ceil(stream.block_seconds * SAMPLE_RATE))
     return _causal(stream, (wav[i : i + chunk] for i in range(0, len(wav), chunk)))
+
+
+def _fit_length(wav: np.ndarray, samples: int) -> np.ndarray:
+    """``wav`` cut or zero-padded to ``samples`` (the interlocutor's voice follows the avatar's timeline)."""
+    return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
+
+
+def speaking_mask(dit: DiTConfig, wav: np.ndarray, listen: np.ndarray | None, labels: str | os.PathLike | None,
+                  video_frames: int, fps: float) -> np.ndarray | None:
+    """The speaking mask ``[video_frames]`` of a request to a listening model (see
+    :mod:`liveavatar.models.interaction`): the labels file when given, else from the two voices' energies when
+    ``listen`` is a separate voice, else None (all speaking). Another model refuses a second voice or labels."""
+    if not dit.listening:
+        if listen is not None or labels:
+            raise UserError("listen_audio= and audio_mask= feed a listening model (model.dit.listening=true); this "
+                            "model takes one voice")
+        return None
+    if labels:
+        try:
+            return read_speaking_labels(labels, video_frames, fps)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+    if listen is not None:
+        return speaking_from_voices(wav, _fit_length(listen, len(wav)), video_frames, fps, SAMPLE_RATE)
+    return None
 
 
 def _causal(stream: StreamingAudioFeatures, chunks: Iterable[np.ndarray], on_end: Callable[[int], None] | None = None
@@ -360,7 +398,8 @@ class LiveAvatarPipeline:
 
     @torch.no_grad()
     def stream(self, image: str | os.PathLike | torch.Tensor, audio: Any, prompt: Any = None, *,
-               seed: int | None = None, max_seconds: float | None = None) -> AvatarStream:
+               seed: int | None = None, max_seconds: float | None = None, listen_audio: Any = None,
+               audio_mask: str | os.PathLike | None = None) -> AvatarStream:
         """Start one request and return its :class:`AvatarStream` of decoded blocks.
 
         Args:
@@ -372,6 +411,10 @@ class LiveAvatarPipeline:
                 pipeline's default.
             seed: the noise seed (None: the pipeline's).
             max_seconds: use only this much audio.
+            listen_audio: a listening model's interlocutor voice (a file or a whole waveform), on the avatar's
+                timeline; None: ``audio`` is one mixed recording of both.
+            audio_mask: a file of speaking labels (:func:`~liveavatar.models.interaction.read_speaking_labels`);
+                None: from the two voices when ``listen_audio`` is given, else all speaking.
 
         The inputs are read, the reference and prompt encoded and the engine built before this returns, so a bad
         input raises :class:`~liveavatar.components.UserError` here; a live source's mistakes (a chunk of the
@@ -384,8 +427,12 @@ class LiveAvatarPipeline:
         reference = self.reference_latent(pixels)
         motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit, self.settings)
         context = self.text_context(prompt)
+        listen = None if listen_audio is None else read_waveform(listen_audio, max_seconds)
         if whole:
-            audio_blocks, total, video_frames = self._whole_blocks(wav, audio)
+            audio_blocks, total, video_frames = self._whole_blocks(wav, audio, listen, audio_mask)
+        elif listen is not None or audio_mask is not None or self.dit.listening:
+            raise UserError("a listening model (listen_audio=, audio_mask=) takes whole recordings for now, not a "
+                            "live source")
         else:
             total = None
             audio_blocks, video_frames = self._live_blocks(audio, max_seconds)
@@ -394,13 +441,17 @@ class LiveAvatarPipeline:
         blocks = decode_blocks(self.components.vae, engine.stream(audio_blocks), video_frames)
         return AvatarStream(blocks, self.fps, wav, total, video_frames)
 
-    def _whole_blocks(self, wav: np.ndarray, source: Any):
-        """Features of a whole waveform -> (block features iterator, number of blocks, video frames)."""
+    def _whole_blocks(self, wav: np.ndarray, source: Any, listen: np.ndarray | None = None,
+                      audio_mask: str | os.PathLike | None = None):
+        """Features of a whole waveform (and a listening model's other voice) -> (block features iterator, number
+        of blocks, video frames)."""
         video_frames = frames_in(len(wav), self.fps)
         if video_frames < 1:
             name = f"audio={os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else "audio"
             raise UserError(f"{name}: shorter than one video frame")
-        blocks = feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit, self.audio_options)
+        speaking = speaking_mask(self.dit, wav, listen, audio_mask, video_frames, self.fps)
+        blocks = feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit, self.audio_options,
+                                listen, speaking)
         total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
         return blocks, total, lambda: video_frames
 

@@ -25,7 +25,8 @@ from .components import Components, UserError, frames_in, resolve_dtype
 from .engine import tpp
 from .engine.stream import StreamCore
 from .pipeline import (AudioFeatureOptions, AvatarStream, decode_blocks, dit_config, engine_settings, feature_blocks,
-                       load_model, prompt_context, read_image, read_waveform, still_motion_latents)
+                       load_model, prompt_context, read_image, read_waveform, speaking_mask,
+                       still_motion_latents)
 from .models.audio import blocks_for
 
 
@@ -93,7 +94,8 @@ class TPPPipeline:
 
     @torch.no_grad()
     def stream(self, image: str | os.PathLike | torch.Tensor, audio: Any, prompt: Any = None, *,
-               seed: int | None = None, max_seconds: float | None = None) -> AvatarStream | None:
+               seed: int | None = None, max_seconds: float | None = None, listen_audio: Any = None,
+               audio_mask: str | os.PathLike | None = None) -> AvatarStream | None:
         """Start one request on this rank (a collective: every rank calls it with the same arguments).
 
         Inputs as :meth:`LiveAvatarPipeline.stream` takes them (a whole waveform or a file; live chunks are for
@@ -108,6 +110,8 @@ class TPPPipeline:
             video_frames = frames_in(len(wav), self.fps)
             if video_frames < 1:
                 raise UserError("audio: shorter than one video frame")
+            listen = None if listen_audio is None else read_waveform(listen_audio, max_seconds)
+            speaking = speaking_mask(self.dit, wav, listen, audio_mask, video_frames, self.fps)
             reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
             motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit,
                                           self.settings)
@@ -126,7 +130,7 @@ class TPPPipeline:
             feed = None
             if self.rank == 0:
                 feed = tpp.AudioFeed(feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit,
-                                                    self.audio_options))
+                                                    self.audio_options, listen, speaking))
             dist.barrier()
             self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
             if stage is not None:

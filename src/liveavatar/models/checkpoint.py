@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_SUFFIX = ".index.json"
-ADDITION_PREFIXES = ("audio_proj.", "ref_embedding.", "audio_modulation.")
-ADDITION_INFIXES = (".audio_attn.",)
+ADDITION_PREFIXES = ("audio_proj.", "interact_audio_proj.", "ref_embedding.", "audio_modulation.")
+ADDITION_INFIXES = (".audio_attn.", ".interact_audio_attn.")
 
 # diffusers WanTransformer3DModel name -> Wan2.1 name (regex, replacement), applied in order.
 DIFFUSERS_TO_WAN = [

@@ -56,6 +56,11 @@ class DiTConfig:
     # frame's time embedding, so audio modulates every block's norms and gates per frame (adaptive norm).
     audio_modulation: bool = False
     video_frames_per_latent: int = 4
+    # Talking and listening (StreamAvatar): the features carry two streams stacked on the layer axis,
+    # [B, V, 2 * audio_layers_in, feat]: the avatar's own voice masked to its speaking frames, then the
+    # interlocutor's masked to its listening frames (models/interaction.py). Each stream has its projection; the
+    # audio blocks attend to the talking tokens (audio_attn) and, through interact_audio_attn, to the listening ones.
+    listening: bool = False
 
     # Model family: "wan" (Wan2.1-style blocks: T2V, TI2V; audio through audio_proj and per-block audio_attn) or
     # "s2v" (Wan2.2-S2V: audio through casual_audio_encoder and audio_injector after the audio_blocks, the
@@ -100,6 +105,9 @@ class DiTConfig:
             raise ValueError(f"model.audio_blocks {bad} are outside 0..{self.num_layers - 1}")
         if self.audio_dim and not self.audio_blocks:
             raise ValueError("model.audio_dim > 0 needs at least one entry in model.audio_blocks")
+        if self.listening and (self.family != "wan" or not self.audio_dim):
+            raise ValueError("model.listening adds interact-audio attention to the wan family's audio blocks: it needs "
+                             "family=wan and model.audio_dim > 0")
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +116,16 @@ class DiTConfig:
     @property
     def has_audio(self) -> bool:
         return self.audio_dim > 0
+
+    @property
+    def audio_streams(self) -> int:
+        """Audio streams stacked on the features' layer axis: 2 (talking, listening) for a listening model."""
+        return 2 if self.listening else 1
+
+    @property
+    def feature_layers(self) -> int:
+        """Layers on the features' layer axis: ``audio_layers_in`` per stream."""
+        return self.audio_layers_in * self.audio_streams
 
     @property
     def motion_latent_frames(self) -> int:

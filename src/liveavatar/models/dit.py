@@ -110,6 +110,8 @@ class DiTBlock(nn.Module):
             if cfg.has_audio and cfg.family == "wan" and index in cfg.audio_blocks
             else None
         )
+        if self.audio_attn is not None and cfg.listening:  # StreamAvatar's interact audio attention (listening cues)
+            self.interact_audio_attn = AudioCrossAttention(cfg.dim, cfg.num_heads, cfg.audio_dim, cfg.eps)
 
     def forward(
         self,
@@ -142,7 +144,13 @@ class DiTBlock(nn.Module):
             x = x + self.cross_attn(self.norm3(x), context)
         if self.audio_attn is not None and audio is not None:
             video = x[:, audio_offset:]
-            x = torch.cat([x[:, :audio_offset], video + self.audio_attn(video, audio, audio.shape[1])], dim=1)
+            if hasattr(self, "interact_audio_attn"):  # tokens [talking | listening] (AvatarDiT.embed_audio)
+                talk, listen = audio.chunk(2, dim=2)
+                update = (self.audio_attn(video, talk, audio.shape[1])
+                          + self.interact_audio_attn(video, listen, audio.shape[1]))
+            else:
+                update = self.audio_attn(video, audio, audio.shape[1])
+            x = torch.cat([x[:, :audio_offset], video + update], dim=1)
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff, frames, segments))
         return x + gate(y, gate_ff, frames, segments).type_as(x)
 
@@ -185,6 +193,8 @@ class AvatarDiT(nn.Module):
             self.ref_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         wan_audio = cfg.has_audio and cfg.family == "wan"
         self.audio_proj = AudioProjection(cfg) if wan_audio else None
+        if wan_audio and cfg.listening:
+            self.interact_audio_proj = AudioProjection(cfg)
         self.audio_modulation = nn.Linear(cfg.audio_dim, cfg.dim) if wan_audio and cfg.audio_modulation else None
         if cfg.family == "s2v":
             self._build_s2v(cfg)
@@ -224,7 +234,8 @@ class AvatarDiT(nn.Module):
                 for p in ([item] if isinstance(item, nn.Parameter) else item.parameters() if item is not None else []):
                     nn.init.zeros_(p)
         for name, module in self.named_modules():
-            if name in ("audio_proj", "ref_embedding", "audio_modulation") or name.endswith(".audio_attn"):
+            if name in ("audio_proj", "interact_audio_proj", "ref_embedding", "audio_modulation") or \
+                    name.endswith((".audio_attn", ".interact_audio_attn")):
                 self.init_addition(name, module)
 
     @staticmethod
@@ -320,7 +331,8 @@ class AvatarDiT(nn.Module):
         with autocast_disabled(t.device):
             e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
             if audio is not None and self.audio_modulation is not None:
-                shift = self.audio_modulation(audio.mean(2).to(self.audio_modulation.weight.dtype)).float()
+                talk = audio.chunk(2, dim=2)[0] if self.config.listening else audio  # the avatar's own voice
+                shift = self.audio_modulation(talk.mean(2).to(self.audio_modulation.weight.dtype)).float()
                 e = torch.cat([e[:, : e.shape[1] - shift.shape[1]], e[:, e.shape[1] - shift.shape[1]:] + shift], dim=1)
             e6 = self.time_projection(e.to(self.time_embedding[0].weight.dtype)).float().unflatten(-1, (6, self.config.dim))
         return e, e6
@@ -360,9 +372,22 @@ class AvatarDiT(nn.Module):
             return tokens if latent_frames is None else tokens[:, :latent_frames]
         if self.audio_proj is None:
             raise ValueError("this model has no audio modules (model.audio_dim = 0)")
+        if self.config.listening:
+            return self._talk_and_listen(features, lambda proj, f: proj.project_grouped(f) if f.dim() == 5
+                                         else proj(f, latent_frames))
         if features.dim() == 5:
             return self.audio_proj.project_grouped(features)
         return self.audio_proj(features, latent_frames)
+
+    def _talk_and_listen(self, features: torch.Tensor, project) -> torch.Tensor:
+        """Listening models: features with the two streams on the layer axis -> tokens ``[B, F, 2 * A, audio_dim]``,
+        the talking stream's (``audio_proj``) then the listening stream's (``interact_audio_proj``)."""
+        layers = self.config.audio_layers_in
+        if features.shape[-2] != 2 * layers:
+            raise ValueError(f"a listening model takes two audio streams stacked on the layer axis "
+                             f"({2 * layers} layers), got features of shape {tuple(features.shape)}")
+        talk, listen = features[..., :layers, :], features[..., layers:, :]
+        return torch.cat([project(self.audio_proj, talk), project(self.interact_audio_proj, listen)], dim=2)
 
     def audio_block_inputs(self, features: torch.Tensor, blocks: int | None = None) -> list[torch.Tensor]:
         """Per-video-frame audio features of a whole stream ``[B, V, layers, feat]`` -> one input per block of
@@ -382,6 +407,8 @@ class AvatarDiT(nn.Module):
             return self.embed_audio(block_input)
         if self.audio_proj is None:
             raise ValueError("this model has no audio modules (model.audio_dim = 0)")
+        if self.config.listening:
+            return self._talk_and_listen(block_input, lambda proj, f: proj.project_grouped(f))
         return self.audio_proj.project_grouped(block_input)
 
     def unpatchify(self, out: torch.Tensor, frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -121,6 +121,9 @@ class AvatarDataModule(L.LightningDataModule):
 
     def build(self) -> Dataset:
         s = self.settings
+        if self.dit.listening:
+            raise ValueError("model.dit.listening=true: training a listening model needs two voices and speaking "
+                             "labels per clip, which neither the toy world nor preprocessing makes yet")
         if s.kind == "toy":
             vae, enc = self.preset["vae"], self.preset["audio_encoder"]
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
