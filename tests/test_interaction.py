@@ -147,3 +147,57 @@ def test_infer_with_a_second_voice_and_labels(tmp_path, listening_checkpoint):
     with pytest.raises(UserError, match="labels for 25 video frames"):
         np.save(tmp_path / "short.npy", np.ones(3))
         run(config(tmp_path, *base, f"audio_mask={tmp_path / 'short.npy'}"))
+
+
+# --------------------------------------------------------------------------------------------- the toy world
+def test_toy_conversations_take_turns_listen_with_a_closed_mouth_and_nod():
+    from liveavatar.data import toy
+    from liveavatar.metrics.toy import interaction_scores
+
+    clip = toy.make_clip(7, 150, conversation=True)
+    shorter = toy.make_clip(7, 90, conversation=True)
+    torch.testing.assert_close(shorter.video, clip.video[:, :90], rtol=0, atol=0)  # a prefix, as monologues are
+    speaking = clip.speaking
+    assert 0.1 < speaking.mean() < 0.9
+    hop = SR // FPS
+    own_turn = np.repeat(speaking, hop)
+    assert np.abs(clip.wav[~own_turn]).max() == 0 and np.abs(clip.listen_wav[own_turn]).max() == 0
+    assert (clip.mouth[~speaking] == 0).all()
+    monologue = toy.make_clip(7, 150)
+    nod = clip.head[:, 0] - monologue.head[:, 0]
+    assert np.abs(nod[speaking]).max() == 0 and nod[~speaking].max() > 0.01
+
+    scores = interaction_scores(clip.video, clip.reference, clip.wav, clip.listen_wav, speaking)
+    still = interaction_scores(monologue.video, clip.reference, clip.wav, clip.listen_wav, speaking)
+    assert scores.nod_sync > 0.5 > still.nod_sync           # the listener's head follows the other voice
+    assert scores.lip_sync_speaking > 0.9 and scores.mouth_listening < 0.02
+
+
+def test_toy_training_samples_of_a_listening_model_are_conversations():
+    from liveavatar.training.datamodule import ToyDataset
+
+    dit = tiny_config(in_dim=12, out_dim=12, text_dim=32, text_len=16, audio_dim=16, audio_feature_dim=32,
+                      audio_layers_in=1, audio_blocks=[0], listening=True)
+    from liveavatar.data.toy import make_clip
+
+    data = ToyDataset(10, 100, dit)
+    index = next(i for i in range(10) if 0 < make_clip(data.clip_seed(i), 100, conversation=True).speaking.mean() < 1)
+    sample, clip = data[index], make_clip(data.clip_seed(index), 100, conversation=True)
+    assert sample["audio"].shape == (100, 2, 32)
+    speaking = torch.from_numpy(clip.speaking)
+    assert sample["audio"][~speaking, 0].abs().sum() == 0 and sample["audio"][speaking, 1].abs().sum() == 0
+    assert sample["audio"][speaking, 0].abs().sum() > 0 and sample["audio"][~speaking, 1].abs().sum() > 0
+
+
+def test_genbench_interactive_suite_scores_talking_and_listening(tmp_path, listening_checkpoint):
+    from test_genbench import genbench_cfg
+    from liveavatar.evaluation.genbench import run_genbench
+
+    results = run_genbench(genbench_cfg(f"checkpoint={listening_checkpoint}", "bench=toy_interactive",
+                                        "toy_interactive.clips=1", "toy_interactive.seconds=2.0",
+                                        "model.dit.listening=true", f"out={tmp_path / 'g'}"))
+    whole = results["whole"]
+    for key in ("listening_motion", "speaking_motion", "nod_sync", "lip_sync_speaking", "mouth_listening"):
+        assert key in whole and np.isfinite(whole[key])
+    record = json.loads(next((tmp_path / "g" / "cases").glob("*/scores.json")).read_text())
+    assert record["case"]["conversation"] and "nod_sync" in record["whole"]

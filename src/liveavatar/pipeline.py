@@ -238,16 +238,22 @@ def _fit_length(wav: np.ndarray, samples: int) -> np.ndarray:
     return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
 
 
-def speaking_mask(dit: DiTConfig, wav: np.ndarray, listen: np.ndarray | None, labels: str | os.PathLike | None,
-                  video_frames: int, fps: float) -> np.ndarray | None:
+def speaking_mask(dit: DiTConfig, wav: np.ndarray, listen: np.ndarray | None,
+                  labels: str | os.PathLike | np.ndarray | None, video_frames: int, fps: float) -> np.ndarray | None:
     """The speaking mask ``[video_frames]`` of a request to a listening model (see
-    :mod:`liveavatar.models.interaction`): the labels file when given, else from the two voices' energies when
-    ``listen`` is a separate voice, else None (all speaking). Another model refuses a second voice or labels."""
+    :mod:`liveavatar.models.interaction`): the labels (a file, or one value per frame) when given, else from the
+    two voices' energies when ``listen`` is a separate voice, else None (all speaking). Another model refuses a
+    second voice or labels."""
+    labelled = isinstance(labels, np.ndarray) or bool(labels)
     if not dit.listening:
-        if listen is not None or labels:
+        if listen is not None or labelled:
             raise UserError("listen_audio= and audio_mask= feed a listening model (model.dit.listening=true); this "
                             "model takes one voice")
         return None
+    if isinstance(labels, np.ndarray):
+        if len(labels) < video_frames:
+            raise UserError(f"audio_mask: {len(labels)} labels for {video_frames} video frames")
+        return labels[:video_frames].astype(bool)
     if labels:
         try:
             return read_speaking_labels(labels, video_frames, fps)
@@ -399,7 +405,7 @@ class LiveAvatarPipeline:
     @torch.no_grad()
     def stream(self, image: str | os.PathLike | torch.Tensor, audio: Any, prompt: Any = None, *,
                seed: int | None = None, max_seconds: float | None = None, listen_audio: Any = None,
-               audio_mask: str | os.PathLike | None = None) -> AvatarStream:
+               audio_mask: str | os.PathLike | np.ndarray | None = None) -> AvatarStream:
         """Start one request and return its :class:`AvatarStream` of decoded blocks.
 
         Args:
@@ -413,8 +419,8 @@ class LiveAvatarPipeline:
             max_seconds: use only this much audio.
             listen_audio: a listening model's interlocutor voice (a file or a whole waveform), on the avatar's
                 timeline; None: ``audio`` is one mixed recording of both.
-            audio_mask: a file of speaking labels (:func:`~liveavatar.models.interaction.read_speaking_labels`);
-                None: from the two voices when ``listen_audio`` is given, else all speaking.
+            audio_mask: speaking labels: a file (:func:`~liveavatar.models.interaction.read_speaking_labels`) or one
+                0/1 per video frame; None: from the two voices when ``listen_audio`` is given, else all speaking.
 
         The inputs are read, the reference and prompt encoded and the engine built before this returns, so a bad
         input raises :class:`~liveavatar.components.UserError` here; a live source's mistakes (a chunk of the

@@ -95,7 +95,7 @@ class TPPPipeline:
     @torch.no_grad()
     def stream(self, image: str | os.PathLike | torch.Tensor, audio: Any, prompt: Any = None, *,
                seed: int | None = None, max_seconds: float | None = None, listen_audio: Any = None,
-               audio_mask: str | os.PathLike | None = None) -> AvatarStream | None:
+               audio_mask: str | os.PathLike | np.ndarray | None = None) -> AvatarStream | None:
         """Start one request on this rank (a collective: every rank calls it with the same arguments).
 
         Inputs as :meth:`LiveAvatarPipeline.stream` takes them (a whole waveform or a file; live chunks are for

@@ -38,6 +38,13 @@ EYE_HALF_WIDTH = 0.12
 
 _SUBSAMPLES = 4  # horizontal sub-samples per pixel for anti-aliasing (vertical coverage is exact)
 
+# Conversations (``make_clip(..., conversation=True)``): turns of 1-3 s alternate between the avatar and an
+# interlocutor; while listening, the mouth stays closed and the head nods down by up to NOD image units, following
+# the other voice's loudness smoothed over NOD_SMOOTH_S (causally: a nod answers what was heard).
+TURN_S = (1.0, 3.0)
+NOD = 0.04
+NOD_SMOOTH_S = 0.15
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -191,6 +198,29 @@ def blinks(rng: np.random.Generator, frames: int, fps: float = FPS) -> np.ndarra
     return eyes
 
 
+def conversation_turns(rng: np.random.Generator, frames: int, fps: float = FPS) -> np.ndarray:
+    """Who holds the turn ``bool [frames]`` (True: the avatar speaks): alternating turns of :data:`TURN_S` seconds,
+    the first side drawn at random; drawn in time order, so a shorter call is a prefix of a longer one."""
+    speaking = np.zeros(frames, dtype=bool)
+    side, start = bool(rng.random() < 0.5), 0
+    while start < frames:
+        length = max(1, int(rng.uniform(*TURN_S) * fps))
+        speaking[start : start + length] = side
+        side, start = not side, start + length
+    return speaking
+
+
+def listening_nod(other_envelope: np.ndarray, speaking: np.ndarray, fps: float = FPS) -> np.ndarray:
+    """Downward head offset ``float32 [frames]`` while listening: the other voice's loudness, smoothed causally
+    (one-pole, time constant :data:`NOD_SMOOTH_S`), times :data:`NOD`; 0 while speaking."""
+    alpha = 1.0 - np.exp(-1.0 / (NOD_SMOOTH_S * fps))
+    level, out = 0.0, np.zeros(len(other_envelope), dtype=np.float32)
+    for i, e in enumerate(other_envelope):
+        level += alpha * (float(e) - level)
+        out[i] = 0.0 if speaking[i] else NOD * level
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- render
 
 
@@ -276,24 +306,45 @@ class ToyClip:
     eyes: np.ndarray
     fps: float = FPS
     sample_rate: int = SAMPLE_RATE
+    # Conversations only: the interlocutor's voice (same length as ``wav``, silent during the avatar's turns) and
+    # who holds the turn per video frame (``wav`` is then silent during the other's turns).
+    listen_wav: np.ndarray | None = None
+    speaking: np.ndarray | None = None
 
 
 def make_clip(
-    seed: int, frames: int, size: tuple[int, int] = (32, 32), fps: float = FPS, sample_rate: int = SAMPLE_RATE
+    seed: int, frames: int, size: tuple[int, int] = (32, 32), fps: float = FPS, sample_rate: int = SAMPLE_RATE,
+    conversation: bool = False,
 ) -> ToyClip:
     """The clip of ``seed`` with ``frames`` video frames. Deterministic; identity, audio, head motion and blinks
-    come from independent streams of the seed, so ``make_clip(s, n)`` is a prefix of ``make_clip(s, m > n)``."""
-    id_rng, audio_rng, head_rng, blink_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    come from independent streams of the seed, so ``make_clip(s, n)`` is a prefix of ``make_clip(s, m > n)``.
+
+    ``conversation``: the avatar talks in its turns and listens in the interlocutor's (:func:`conversation_turns`):
+    its own voice is cut to its turns, the other voice (another speaker) to the other turns, the mouth follows the
+    own voice only, and while listening the head nods with the other voice (:func:`listening_nod`)."""
+    id_rng, audio_rng, head_rng, blink_rng, other_rng, turn_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)
     )
     identity = sample_identity(id_rng)
     hop = int(round(sample_rate / fps))
     wav = synth_speech(audio_rng, frames * hop / sample_rate, sample_rate)
-    envelope = audio_envelope(wav, frames, sample_rate, fps)
     head = head_motion(head_rng, frames, fps)
     eyes = blinks(blink_rng, frames, fps)
-    video = render(identity, envelope, head, eyes, size)
+    listen_wav = speaking = None
+    if conversation:
+        speaking = conversation_turns(turn_rng, frames, fps)
+        own_turn = np.repeat(speaking, hop)[: len(wav)].astype(np.float32)
+        listen_wav = synth_speech(other_rng, frames * hop / sample_rate, sample_rate) * (1.0 - own_turn)
+        wav = wav * own_turn
+    envelope = audio_envelope(wav, frames, sample_rate, fps)
+    mouth = envelope.copy()
+    if conversation:
+        mouth[~speaking] = 0.0  # listening: the mouth stays closed (whatever bleeds over a turn's edge)
+        head = head.copy()
+        head[:, 0] += listening_nod(audio_envelope(listen_wav, frames, sample_rate, fps), speaking, fps)
+    video = render(identity, mouth, head, eyes, size)
     return ToyClip(
         video=video, wav=wav, reference=reference_image(identity, size), identity=identity,
-        envelope=envelope, mouth=envelope.copy(), head=head, eyes=eyes, fps=fps, sample_rate=sample_rate,
+        envelope=envelope, mouth=mouth, head=head, eyes=eyes, fps=fps, sample_rate=sample_rate,
+        listen_wav=listen_wav, speaking=speaking,
     )

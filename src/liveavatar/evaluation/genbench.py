@@ -27,10 +27,10 @@ from tqdm import tqdm
 from .. import atomic, media
 from ..components import SAMPLE_RATE, UserError, frames_in
 from ..engine.tpp import PeerFailure
-from ..metrics.toy import identity_error
+from ..metrics.toy import identity_error, interaction_scores
 from ..pipeline import LiveAvatarPipeline
 from .scoring import Scorer, parse_windows, score_case, window_slices
-from .suites import Case, SuiteError, case_inputs, load_manifest, toy_long_suite, toy_suite
+from .suites import Case, SuiteError, case_inputs, load_manifest, toy_interactive_suite, toy_long_suite, toy_suite
 
 # The paper's long-horizon stress test windows (seconds).
 PAPER_WINDOWS = [[0, 10], [100, 110], [1000, 1010], [10000, 10010]]
@@ -52,6 +52,9 @@ def suite_cases(cfg: DictConfig) -> tuple[str, list[Case], list]:
         t = cfg.toy_long
         cases = toy_long_suite(int(t.clips), float(t.seconds), int(t.seed), float(t.loop_seconds))
         return "toy_long", cases, OmegaConf.to_container(t.windows, resolve=True)
+    if bench == "toy_interactive":
+        t = cfg.toy_interactive
+        return "toy_interactive", toy_interactive_suite(int(t.clips), float(t.seconds), int(t.seed)), []
     return Path(bench).stem, load_manifest(bench), PAPER_WINDOWS
 
 
@@ -108,12 +111,14 @@ class FrameKeeper:
 
 
 def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path,
-                keep: dict[str, slice] | None = None) -> StreamedCase | None:
+                keep: dict[str, slice] | None = None, listen: np.ndarray | None = None,
+                speaking: np.ndarray | str | None = None) -> StreamedCase | None:
     """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would.
     ``pipe``: a :class:`LiveAvatarPipeline` or, on a rank of a TPP group, a :class:`TPPPipeline` (None on the ranks
-    that do not output). ``keep``: hold only these frame ranges for scoring (None: every frame)."""
+    that do not output). ``keep``: hold only these frame ranges for scoring (None: every frame). ``listen``,
+    ``speaking``: a conversation's other voice and turns (a listening model)."""
     fps = pipe.fps
-    stream = pipe.stream(image, wav, prompt, seed=seed)
+    stream = pipe.stream(image, wav, prompt, seed=seed, listen_audio=listen, audio_mask=speaking)
     if stream is None:
         return None
     keeper = FrameKeeper(keep)
@@ -155,7 +160,8 @@ def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg
     height, width = pipe.components.resolution
     if total * 3 * height * width > float(cfg.keep_whole_gb) * 2**30:  # too long to hold: score the windows only
         keep = {name: frames for name, frames, _ in window_slices(total, pipe.fps, windows)}
-    streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4", keep)
+    streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4", keep,
+                           inputs.listen_wav, inputs.speaking)
     if streamed is None:
         return None
     reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
@@ -178,6 +184,9 @@ def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg
         record["inception"] = FID_FEATURES
     if case.toy_seed is not None and streamed.frames is not None:
         record["identity_curve"] = thin(np.asarray(identity_error(streamed.frames, reference)))
+    if case.conversation and streamed.frames is not None:  # toy: talking and listening, read back from the pixels
+        record["whole"].update(interaction_scores(streamed.frames, reference, inputs.wav, inputs.listen_wav,
+                                                  inputs.speaking, SAMPLE_RATE, pipe.fps).to_dict())
     atomic.write_json(folder / "scores.json", record)
     return record
 

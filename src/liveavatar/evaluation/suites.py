@@ -10,6 +10,10 @@ optional ground-truth video and optional tags (style, view, framing, ...) that r
 - ``toy``: held-out clips of the toy world made on the fly (exact lip-sync and identity measures, ground truth).
 - ``toy_long``: toy clips whose audio is looped to minutes, scored over time windows (the long-horizon stress
   test at a scale a CPU can stream).
+- ``toy_interactive``: toy conversations (the avatar talks in its turns, nods to the other voice in the
+  other's), streamed with both voices and the turns, for a listening model (``model.dit.listening``); scored for
+  motion while listening and while speaking, nodding in time with the other voice, and lip sync while speaking.
+  Manifest cases carry a conversation as ``listen_audio`` (the other voice) and ``audio_mask`` (speaking labels).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from ..data import toy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".ogg")
-CASE_KEYS = {"id", "image", "audio", "prompt", "seconds", "loop_audio", "truth", "tags", "toy_seed"}
+CASE_KEYS = {"id", "image", "audio", "prompt", "seconds", "loop_audio", "truth", "tags", "toy_seed", "conversation",
+             "listen_audio", "audio_mask"}
 
 
 class SuiteError(ValueError):
@@ -45,6 +50,9 @@ class Case:
     truth: str | None = None            # a ground-truth video file
     tags: dict[str, str] = field(default_factory=dict)
     toy_seed: int | None = None
+    conversation: bool = False          # toy: a conversation (two voices, turns) instead of a monologue
+    listen_audio: str | None = None     # the interlocutor's voice (a listening model's second stream)
+    audio_mask: str | None = None       # speaking labels (models/interaction.py's formats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +66,8 @@ class CaseInputs:
     image: torch.Tensor | str
     wav: np.ndarray
     truth: torch.Tensor | None
+    listen_wav: np.ndarray | None = None      # the interlocutor's voice
+    speaking: np.ndarray | str | None = None  # who holds the turn per video frame (or a labels file)
 
 
 def _case(entry: dict, base: Path, where: str) -> Case:
@@ -81,6 +91,13 @@ def _case(entry: dict, base: Path, where: str) -> Case:
             setattr(case, key, str(path))
         if case.truth:
             case.truth = str(base / case.truth) if not Path(case.truth).is_absolute() else case.truth
+        for key in ("listen_audio", "audio_mask"):
+            value = getattr(case, key)
+            if value:
+                path = (base / value) if not Path(value).is_absolute() else Path(value)
+                if not path.exists():
+                    raise SuiteError(f"{where} (case {case.id}): {key} {path} not found")
+                setattr(case, key, str(path))
     if case.loop_audio and not case.seconds:
         raise SuiteError(f"{where} (case {case.id}): loop_audio needs seconds")
     case.tags = {str(k): str(v) for k, v in (case.tags or {}).items()}
@@ -129,6 +146,12 @@ def toy_long_suite(clips: int, seconds: float, seed: int, loop_seconds: float) -
                  tags={"suite": "toy_long", "loop_s": f"{loop_seconds:g}"}) for i in range(clips)]
 
 
+def toy_interactive_suite(clips: int, seconds: float, seed: int) -> list[Case]:
+    """Held-out toy conversations, one case each, with ground truth."""
+    return [Case(id=f"toy_interactive_{seed + i}", seconds=seconds, toy_seed=seed + i, conversation=True,
+                 tags={"suite": "toy_interactive"}) for i in range(clips)]
+
+
 def looped(wav: np.ndarray, samples: int) -> np.ndarray:
     """``wav`` repeated (and cut) to ``samples`` samples."""
     reps = -(-samples // max(len(wav), 1))
@@ -140,13 +163,16 @@ def case_inputs(case: Case, resolution: tuple[int, int], fps: float, loop_second
     if case.toy_seed is not None:
         base = loop_seconds if case.loop_audio and loop_seconds else case.seconds or 4.0
         clip = toy.make_clip(case.toy_seed, int(round(base * fps)), size=tuple(resolution), fps=fps,
-                             sample_rate=SAMPLE_RATE)
+                             sample_rate=SAMPLE_RATE, conversation=case.conversation)
         wav, truth = clip.wav, None if case.loop_audio else clip.video
         image: torch.Tensor | str = clip.reference
+        listen, speaking = clip.listen_wav, clip.speaking
     else:
         from ..media import read_audio
 
         wav, truth, image = read_audio(case.audio, SAMPLE_RATE), None, case.image
+        listen = read_audio(case.listen_audio, SAMPLE_RATE) if case.listen_audio else None
+        speaking = case.audio_mask
         if case.truth:
             from ..media import iter_video_frames
 
@@ -154,7 +180,12 @@ def case_inputs(case: Case, resolution: tuple[int, int], fps: float, loop_second
     if case.seconds:
         samples = int(round(case.seconds * SAMPLE_RATE))
         wav = looped(wav, samples) if case.loop_audio else wav[:samples]
-    return CaseInputs(image, np.asarray(wav, dtype=np.float32), truth)
+        if listen is not None:
+            listen = looped(listen, samples) if case.loop_audio else listen[:samples]
+        if isinstance(speaking, np.ndarray) and case.loop_audio:
+            speaking = looped(speaking, int(round(case.seconds * fps)))
+    return CaseInputs(image, np.asarray(wav, dtype=np.float32), truth,
+                      None if listen is None else np.asarray(listen, dtype=np.float32), speaking)
 
 
 def manifest_from_folder(folder: str | Path, out: str | Path, seconds: float | None = None,

@@ -280,3 +280,54 @@ def score_video(
         identity_drift=drift(errors, drift_window or max(1, len(errors) // 4)),
         flicker=flicker(video),
     )
+
+
+def head_height(video, reference) -> np.ndarray:
+    """Vertical position of the face ``float64 [T]`` in image units (the silhouette's centre; larger: lower)."""
+    frames, _ = _pair(video, reference)
+    return (_read(frames).center[:, 0] / frames.shape[-2]).double().numpy()
+
+
+@dataclass
+class InteractionScores:
+    """Talking and listening on the toy world (StreamAvatar's listening-motion analysis, on the toy's head):
+    ``listening_motion`` / ``speaking_motion``: variance of the head's height (image units squared, x 1e4) over the
+    listening / speaking frames (the toy listener nods with the other voice, so a model that listens moves its head
+    then); ``nod_sync``: Pearson r between the head's height and the other voice's smoothed loudness over the
+    listening frames; ``lip_sync_speaking``: lip sync over the speaking frames only; ``mouth_listening``: mean
+    mouth opening while listening (a listener's mouth stays closed)."""
+
+    listening_motion: float
+    speaking_motion: float
+    nod_sync: float
+    lip_sync_speaking: float
+    mouth_listening: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def interaction_scores(video, reference, wav, listen_wav, speaking, sample_rate: int = SAMPLE_RATE,
+                       fps: float = FPS) -> InteractionScores:
+    """:class:`InteractionScores` of ``video [3, T, H, W]`` for a conversation: the avatar's own voice ``wav``, the
+    other's ``listen_wav`` and the speaking mask ``speaking [T]`` (True: the avatar holds the turn)."""
+    from liveavatar.data.toy import listening_nod
+
+    height = head_height(video, reference)
+    t = len(height)
+    speaking = np.asarray(speaking, dtype=bool)[:t]
+    listening = ~speaking
+
+    def variance(mask):
+        return float(height[mask].var() * 1e4) if mask.sum() > 1 else 0.0
+
+    other = audio_envelope(np.asarray(listen_wav), t, sample_rate, fps)
+    nod = listening_nod(other, speaking, fps)
+    opening = mouth_opening(video, reference)
+    own = audio_envelope(np.asarray(wav), t, sample_rate, fps)
+    return InteractionScores(
+        listening_motion=variance(listening), speaking_motion=variance(speaking),
+        nod_sync=_pearson(height[listening], nod[listening]) if listening.sum() > 1 else 0.0,
+        lip_sync_speaking=_pearson(opening[speaking], own[speaking]) if speaking.sum() > 1 else 0.0,
+        mouth_listening=float(opening[listening].mean()) if listening.any() else 0.0,
+    )

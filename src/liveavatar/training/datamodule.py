@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..components import SAMPLE_RATE, Components, UserError, toy_preset
 from ..data import toy
 from ..models.config import DiTConfig
+from ..models.interaction import talk_listen_features
 
 
 class ToyDataset(Dataset):
@@ -48,6 +49,8 @@ class ToyDataset(Dataset):
                  sink_motion_frames: int = 0):
         self.size, self.frames, self.seed = int(size), int(latent_frames), int(seed)
         self.motion_frames, self.sink_motion_frames = int(motion_frames), int(sink_motion_frames)
+        # A listening model learns from conversations: two voices and who holds the turn (models/interaction.py).
+        self.conversation = dit.listening
         if self.motion_frames < 0:
             raise ValueError(f"data.motion_frames must not be negative, got {motion_frames}")
         # The text encoder follows the DiT being trained, whatever the preset's dit section says.
@@ -72,17 +75,25 @@ class ToyDataset(Dataset):
     def clip_seed(self, index: int) -> int:
         return self.seed * 1_000_003 + index
 
+    def features(self, clip: toy.ToyClip, frames: int) -> torch.Tensor:
+        """Audio features ``[1, frames, layers, feat]`` of the clip; a conversation's two voices masked by the turns
+        and stacked on the layer axis (:func:`~liveavatar.models.interaction.talk_listen_features`)."""
+        own = self.audio(clip.wav, frames)
+        if not self.conversation:
+            return own
+        return talk_listen_features(own, self.audio(clip.listen_wav, frames), torch.from_numpy(clip.speaking))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         k = self.motion_frames
         clip = toy.make_clip(self.clip_seed(index), k + self.frames, size=self.resolution, fps=self.fps,
-                             sample_rate=SAMPLE_RATE)
+                             sample_rate=SAMPLE_RATE, conversation=self.conversation)
         latents = self.vae.encode(clip.video[None])[0]  # the patch VAE codes frames one by one, so split after
         # Audio features of the whole stream, then the clip's rows: a frame's analysis window reaches back into
         # the audio of the frame before, which a clip cut out of a stream has (and a clip of its own would not).
         sample = {
             "latents": latents[:, k:],
             "reference": self.vae.encode(clip.reference[None, :, None])[0],
-            "audio": self.audio(clip.wav, k + self.frames)[0, k:],
+            "audio": self.features(clip, k + self.frames)[0, k:],
             "text": self.text,
         }
         if k:
@@ -121,9 +132,9 @@ class AvatarDataModule(L.LightningDataModule):
 
     def build(self) -> Dataset:
         s = self.settings
-        if self.dit.listening:
+        if self.dit.listening and s.kind != "toy":
             raise ValueError("model.dit.listening=true: training a listening model needs two voices and speaking "
-                             "labels per clip, which neither the toy world nor preprocessing makes yet")
+                             "labels per clip, which preprocessing does not make yet (data=toy makes conversations)")
         if s.kind == "toy":
             vae, enc = self.preset["vae"], self.preset["audio_encoder"]
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
