@@ -15,7 +15,7 @@ from liveavatar.training.adversarial import AdversarialSettings
 from liveavatar.training.datamodule import ToyDataset, collate
 from liveavatar.training.discriminator import (ConsistencyDiscriminator, Logits, approximate_penalty,
                                                gradient_penalty, relativistic_loss)
-from liveavatar.training.distill_launch import build_adversarial_module, distill
+from liveavatar.training.distill_launch import build_adversarial_module, check_trainer, distill
 
 from conftest import randomise, tiny_config
 from test_dmd import SMALL, checkpoints, compose_distill, generator_grads, sources  # noqa: F401 (fixture)
@@ -166,3 +166,5 @@ def test_the_adversarial_stage_runs_from_distill_py(tmp_path, checkpoints):  # n
     teacher = AvatarDiT.from_pretrained(checkpoints["teacher"]).state_dict()
     assert backbone.keys() == teacher.keys() and all(torch.equal(backbone[k], teacher[k]) for k in teacher)
     assert not any(k.startswith("critic.local_head") for k in state["state_dict"])
+    with pytest.raises(ValueError, match="stage=adversarial with trainer=fsdp"):
+        check_trainer(compose_distill("stage=adversarial", "trainer=fsdp", "distill.ema_decay=null"))

@@ -50,6 +50,9 @@ def check_trainer(cfg: DictConfig) -> None:
     if str(t.get("precision")).startswith("16"):
         raise ValueError(f"trainer.precision={t.precision}: float16 needs loss scaling, which the two manually "
                          "stepped optimizers do not do; use bf16-mixed, bf16-true or 32-true")
+    if name == "fsdp" and cfg.get("stage", "dmd") == "adversarial":
+        raise ValueError("stage=adversarial with trainer=fsdp: the discriminator's Q-Formers and heads are not "
+                         "sharded or synchronised across ranks yet; run it on one device (strategy=auto)")
     if name == "fsdp" and cfg.distill.ema_decay is not None:
         raise ValueError("distill.ema_decay with trainer=fsdp: the EMA keeps unsharded copies of the generator's "
                          "trained weights and is not implemented for sharded ones; set distill.ema_decay=null")
