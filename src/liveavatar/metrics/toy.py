@@ -253,8 +253,13 @@ def drift(errors: np.ndarray, window: int) -> float:
     return float(errors[-window:].mean() - errors[:window].mean())
 
 
+class _Scores:
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
 @dataclass
-class ToyScores:
+class ToyScores(_Scores):
     """GenBench-toy scores of one video: ``lip_sync`` (Pearson r, higher is better), ``identity_error`` (mean
     per-frame error, lower is better), ``identity_drift`` (last quarter minus first quarter of the per-frame
     error; positive = the identity degrades over time), ``flicker`` (mean abs frame difference)."""
@@ -263,9 +268,6 @@ class ToyScores:
     identity_error: float
     identity_drift: float
     flicker: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def score_video(
@@ -289,7 +291,7 @@ def head_height(video, reference) -> np.ndarray:
 
 
 @dataclass
-class InteractionScores:
+class InteractionScores(_Scores):
     """Talking and listening on the toy world (StreamAvatar's listening-motion analysis, on the toy's head):
     ``listening_motion`` / ``speaking_motion``: variance of the head's height (image units squared, x 1e4) over the
     listening / speaking frames (the toy listener nods with the other voice, so a model that listens moves its head
@@ -302,9 +304,6 @@ class InteractionScores:
     nod_sync: float
     lip_sync_speaking: float
     mouth_listening: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def interaction_scores(video, reference, wav, listen_wav, speaking, sample_rate: int = SAMPLE_RATE,
