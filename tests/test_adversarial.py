@@ -168,3 +168,24 @@ def test_the_adversarial_stage_runs_from_distill_py(tmp_path, checkpoints):  # n
     assert not any(k.startswith("critic.local_head") for k in state["state_dict"])
     with pytest.raises(ValueError, match="stage=adversarial with trainer=fsdp"):
         check_trainer(compose_distill("stage=adversarial", "trainer=fsdp", "distill.ema_decay=null"))
+
+
+@pytest.mark.meta
+@pytest.mark.parametrize("penalty", ["exact", "approx"])
+def test_adversarial_steps_on_the_meta_device(penalty):
+    from test_dmd import meta_batch
+
+    module = build_adversarial_module(compose_distill(*SMALL, "stage=adversarial", "adversarial.gamma=0.5",
+                                                      f"adversarial.penalty={penalty}"))
+    meta = torch.device("meta")
+    with meta:
+        module.configure_model()
+    batch = meta_batch(module.dit_config)
+    cond = module.conditions(batch)
+    loss = module.critic_loss(batch, cond, 0, 0)
+    loss.backward()
+    assert loss.device == meta and all(p.grad is not None and p.grad.device == meta
+                                       for p in module.critic.qformers.parameters())
+    generator_loss, _ = module.generator_backward(batch, cond, 0)
+    assert generator_loss.device == meta
+    assert all(p.grad is not None and p.grad.device == meta for p in module.generator.blocks[0].parameters())

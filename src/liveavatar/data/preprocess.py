@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .. import media
 from ..components import SAMPLE_RATE, Components, UserError, frames_in, resolve_device
+from ..models.config import DiTConfig
 from . import shards
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -93,7 +94,7 @@ class Settings:
         return cls(fps=float(cfg.model.fps), size=tuple(int(v) for v in cfg.model.resolution),
                    latent_frames=int(d.clip_latent_frames), shard_size=int(d.shard_size), reference_frame=ref,
                    default_prompt=str(d.default_prompt), audio_context=str(d.audio_context),
-                   sink_motion_frames=int(cfg.model.dit.get("motion_video_frames", 73)) if cfg.model.get("sink_motion")
+                   sink_motion_frames=int(cfg.model.dit.get("motion_video_frames", DiTConfig.motion_video_frames)) if cfg.model.get("sink_motion")
                    else 0)
 
 
