@@ -58,7 +58,7 @@ class NaiveStream:
 
     def sink_frames(self, block):
         """(latents [1, C, R, H, W], training positions) of the sink block ``block`` sees, or None."""
-        if self.sink_mode == "none":
+        if self.sink_mode in ("none", "evicted"):  # evicted: the reference is a history frame (see forward)
             return None
         if block < self.switch or not (self.sink_mode == "aas" or self.keep_first_block):
             return self.reference[:, :, :1], [self.ref]
@@ -83,7 +83,11 @@ class NaiveStream:
     def forward(self, x, t, lane, block, audio, write):
         model, f = self.model, self.f
         n = block * f
-        past = self.lanes.setdefault(lane, [])
+        if lane not in self.lanes:
+            # sink=evicted: the reference is the history frame before the stream, evicted like any other
+            kvs = self.sink_kv(self.reference[:, :, :1], [self.ref]) if self.sink_mode == "evicted" else None
+            self.lanes[lane] = [(self.ref, [k for k, _ in kvs], [v for _, v in kvs])] if kvs else []
+        past = self.lanes[lane]
         sink = self.sink_frames(block)
         keys_pos, sink_kv = [], None
         if sink is not None:

@@ -96,10 +96,11 @@ def test_cached_engine_equals_full_sequence_forward(setup, history, policy):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-SINKS = [dict(sink="none"), dict(sink="reference"), dict(sink="reference", keep_first_block=True), dict(sink="aas")]
+SINKS = [dict(sink="none"), dict(sink="reference"), dict(sink="reference", keep_first_block=True), dict(sink="aas"),
+         dict(sink="evicted")]
 
 
-@pytest.mark.parametrize("sink", SINKS, ids=["none", "reference", "reference+first", "aas"])
+@pytest.mark.parametrize("sink", SINKS, ids=["none", "reference", "reference+first", "aas", "evicted"])
 @pytest.mark.parametrize("policy", ["absolute", "rolling", "rapr"])
 def test_cached_engine_equals_naive_per_frame_engine(setup, sink, policy):
     """Every sink under every position policy, 8 blocks through a 1-block window (8x the window), the sink
@@ -141,6 +142,7 @@ def test_position_policies_give_different_streams_past_the_window(setup):
         dict(sink="aas", rope_policy="rolling"),
         dict(sink="reference", keep_first_block=True, rope_policy="rapr", rapr_distance=8),
         dict(sink="none", rope_policy="absolute", steps=[1000, 500, 250]),
+        dict(sink="evicted", rope_policy="rolling"),   # the reference leaves at block 2, before block 0 is done
     ],
 )
 def test_stream_batch_equals_sequential(setup, kw):

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 from liveavatar import media
 from liveavatar.components import SAMPLE_RATE
 from liveavatar.data import toy
 from liveavatar.evaluation.genbench import run_genbench
-from liveavatar.evaluation.genbench_report import compare_runs
+from liveavatar.evaluation import genbench_report
+from liveavatar.evaluation.genbench_report import CompareError, compare_runs
 from liveavatar.evaluation.scoring import parse_windows, window_slices
 from liveavatar.evaluation.suites import SuiteError, load_manifest, looped, manifest_from_folder
 from liveavatar.metrics.toy import score_video
@@ -152,8 +154,151 @@ def test_compare_runs_marks_the_best_value_per_column(tmp_path):
     table = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path)
     # Columns sorted (identity_drift, identity_error, lip_sync, rtf); rows named by the override that differs;
     # lower identity error and real-time factor are better, higher lip sync is, and the drift closest to zero.
-    assert "| sink=a | **0.01** | 0.2 | **0.2** | 0.5 |" in table
-    assert "| sink=b | -0.03 | **0.1** | 0.1 | **0.4** |" in table
+    assert "| sink=a | 1 | **0.01** | 0.2 | **0.2** | 0.5 |" in table
+    assert "| sink=b | 1 | -0.03 | **0.1** | 0.1 | **0.4** |" in table
+
+
+def training_run(root: Path, folder: str, seed: int, **changes) -> Path:
+    """A fake finished training run: ``<root>/<folder>/config.yaml`` (a small resolved config with ``seed`` and
+    the keys that differ between seeds of one setting) and an empty ``model`` folder, whose path is returned."""
+    config = {"name": folder, "seed": seed, "stage": "diffusion_forcing", "progress": False,
+              "init_from": f"teachers/seed{seed}/model",
+              "run": {"dir": str(root / folder), "resume": True, "overwrite": False},
+              "model": {"dim": 64, "rope": {"policy": "rolling"}}, "optim": {"lr": 0.001}}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    (root / folder / "model").mkdir(parents=True)
+    (root / folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return root / folder / "model"
+
+
+def genbench_run(folder: Path, checkpoint: Path, whole: dict, overrides=("bench=toy",), last_window=None) -> Path:
+    """A fake GenBench run folder: ``results.json`` as ``aggregate`` lays it out (only what a comparison reads)."""
+    folder.mkdir(parents=True)
+    windows = {"0-2s": {}, "2-4s": last_window} if last_window else {}
+    (folder / "results.json").write_text(json.dumps({
+        "settings": {"checkpoint": str(checkpoint), "overrides": [*overrides, f"checkpoint={checkpoint}"]},
+        "whole": whole, "set": {}, "timing": {"rtf": 0.5}, "windows": windows}))
+    return folder
+
+
+def table_cells(table: str, row: str) -> dict[str, str]:
+    """The cells of one row of a markdown table, by column."""
+    lines = table.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == row:
+            return dict(zip(header[1:], cells[1:]))
+    raise AssertionError(f"no row {row!r} in\n{table}")
+
+
+# Per training run: identity error (lower is better) and lip sync (higher is better). Setting A (3 seeds) has the
+# best identity error and setting B (3 seeds, another RoPE policy) is further from it than both spreads together;
+# B has the best lip sync and A is closer to it than both spreads together though further than either alone.
+# Setting C (another learning rate) has one seed.
+SEED_SCORES = {"a": [(0.10, 0.50), (0.12, 0.60), (0.11, 0.55)],
+               "b": [(0.20, 0.59), (0.22, 0.65), (0.21, 0.62)],
+               "c": [(0.90, 0.05)]}
+
+
+@pytest.fixture
+def seeded_runs(tmp_path) -> dict[str, list[Path]]:
+    """GenBench run folders of three settings over training seeds (:data:`SEED_SCORES`), by setting."""
+    changes = {"a": {}, "b": {"model__rope__policy": "rapr"}, "c": {"optim__lr": 0.01}}
+    runs = {}
+    for setting, scores in SEED_SCORES.items():
+        runs[setting] = []
+        for seed, (err, sync) in enumerate(scores):
+            ckpt = training_run(tmp_path / "train", f"{setting}_s{seed}", seed, **changes[setting])
+            runs[setting].append(genbench_run(tmp_path / "eval" / f"{setting}_s{seed}", ckpt,
+                                              {"identity_error": err, "lip_sync": sync},
+                                              last_window={"identity_error": 2 * err}))
+    return runs
+
+
+def test_compare_runs_groups_training_seeds_into_mean_and_spread(tmp_path, seeded_runs):
+    folders = [f for setting in ("a", "b", "c") for f in seeded_runs[setting]]
+    table = compare_runs(folders, tmp_path / "cmp")
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    # Named by the training keys that differ between settings (not by checkpoints: they differ within a setting).
+    names = {"a": "train.model.rope.policy=rolling train.optim.lr=0.001",
+             "b": "train.model.rope.policy=rapr train.optim.lr=0.001",
+             "c": "train.model.rope.policy=rolling train.optim.lr=0.01"}
+    assert list(comparison["groups"]) == list(names.values())
+    for setting, name in names.items():
+        group, values = comparison["groups"][name], np.array(SEED_SCORES[setting])
+        assert group["n"] == len(values) and group["members"] == [str(f) for f in seeded_runs[setting]]
+        assert group["seeds"] == list(range(len(values)))
+        for column, metric in enumerate(("identity_error", "lip_sync")):
+            assert group["mean"][metric] == pytest.approx(values[:, column].mean())
+            assert comparison["rows"][name][metric] == pytest.approx(values[:, column].mean())  # the old flat means
+            if len(values) > 1:
+                assert group["std"][metric] == pytest.approx(values[:, column].std(ddof=1))
+            else:
+                assert group["std"][metric] is None
+    last = comparison["last_window_groups"][f"{names['a']} [2-4s]"]
+    assert last["n"] == 3 and last["mean"]["identity_error"] == pytest.approx(2 * np.mean([0.10, 0.12, 0.11]))
+
+    a, b, c = (table_cells(table, names[s]) for s in "abc")
+    assert a["n"] == "3" and c["n"] == "1"
+    err_a, sync_b = np.array(SEED_SCORES["a"])[:, 0], np.array(SEED_SCORES["b"])[:, 1]
+    assert a["identity_error"] == f"**{err_a.mean():.4g} ± {err_a.std(ddof=1):.2g}**"
+    assert b["lip_sync"] == f"**{sync_b.mean():.4g} ± {sync_b.std(ddof=1):.2g}**"
+    # |0.21 - 0.11| = 0.1 > 0.01 + 0.01: beyond the spread. |0.55 - 0.62| = 0.07 < 0.05 + 0.03: within it.
+    assert b["identity_error"].endswith(" †") and "†" not in a["lip_sync"]
+    # One seed: the value alone, never marked however far off, and said so under the table.
+    assert c["identity_error"] == "0.9" and c["lip_sync"] == "0.05"
+    assert f"n = 1 ({names['c']}): single seed: no spread" in table
+    md, html = (tmp_path / "cmp" / "comparison.md").read_text(), (tmp_path / "cmp" / "comparison.html").read_text()
+    assert genbench_report.LEGEND in md and "|mean - best mean| &gt; std + std of the best" in html
+    err_b = np.array(SEED_SCORES["b"])[:, 0]
+    assert f"<td>{err_b.mean():.4g} ± {err_b.std(ddof=1):.2g} †</td>" in html
+    assert "data:image/png;base64," in html and comparison["rule"] == genbench_report.LEGEND
+
+
+def test_the_spread_rule_needs_a_spread_on_both_sides():
+    def stats(values):
+        return genbench_report.seed_stats([{"m": v} for v in values])
+
+    wide, narrow, far = stats([0.0, 1.0]), stats([0.4, 0.6]), stats([2.0, 2.2])
+    assert genbench_report.beyond_spread(narrow, far, "m") and not genbench_report.beyond_spread(wide, narrow, "m")
+    # 0.5 vs 2.1: std 0.707 + 0.141 < 1.6, beyond; a single run has no spread, so nothing is beyond it.
+    assert genbench_report.beyond_spread(wide, far, "m")
+    assert not genbench_report.beyond_spread(stats([5.0]), far, "m")
+
+
+def test_compare_runs_groups_by_hand_and_keeps_checkpoints_without_a_config_apart(tmp_path):
+    folders = [genbench_run(tmp_path / f"r{i}", tmp_path / f"ckpt{i}" / "model", {"flicker": v})
+               for i, v in enumerate((0.9, 0.8, 0.4))]
+    # No training config.yaml beside these checkpoints: each run its own row, named by its checkpoint as before.
+    table = compare_runs(folders, tmp_path / "apart")
+    assert [table_cells(table, f"checkpoint={tmp_path / f'ckpt{i}' / 'model'}")["n"] for i in range(3)] == ["1"] * 3
+    compare_runs(folders, tmp_path / "hand", names=["x", "x", "y"])
+    groups = json.loads((tmp_path / "hand" / "comparison.json").read_text())["groups"]
+    assert list(groups) == ["x", "y"] and groups["x"]["n"] == 2
+    assert groups["x"]["std"]["flicker"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    with pytest.raises(CompareError, match="^2 names for 3 run folders"):
+        compare_runs(folders, tmp_path / "bad", names=["x", "y"])
+    with pytest.raises(CompareError, match="results.json not found"):
+        compare_runs([tmp_path / "nowhere"], tmp_path / "bad")
+
+
+def test_the_comparison_plot_draws_one_std_error_bars_where_there_is_a_spread(monkeypatch):
+    figures = []
+    monkeypatch.setattr(genbench_report, "_png", lambda fig: figures.append(fig) or "png")
+    rows = {"a": {"m": 1.0}, "b": {"m": 2.0}, "c": {"m": 3.0}}
+    assert genbench_report.comparison_plot(rows, {"a": {"m": 0.25}, "b": {"m": None}, "c": {"m": 0.5}}) == "png"
+    from matplotlib.container import ErrorbarContainer
+
+    (ax,) = figures[0].axes
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = [np.asarray(s)[:, 1] for s in bars.lines[2][0].get_segments()]
+    assert [tuple(s) for s in segments] == [(0.75, 1.25), (2.5, 3.5)]   # a and c only: b has one seed
 
 
 def test_bad_settings_are_one_line(tmp_path):

@@ -147,6 +147,48 @@ def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
+def test_the_exported_model_is_the_ema_of_the_weights_after_each_optimizer_step(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from liveavatar.training.launch import build_module
+
+    cfg = compose_train("experiment=toy_df", "init_from=null", "data.latent_frames=3", "optim.ema_decay=0.6",
+                        "optim.lr=1e-2")
+    module = build_module(cfg)
+    start, seen = {}, []
+
+    def params(pl_module):
+        return {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            start.update(params(pl_module))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, params(pl_module)))
+
+    data = DataLoader(ToyDataset(8, 3, module.dit_config), batch_size=2, collate_fn=collate)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        accumulate_grad_batches=2, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    # Two batches per optimizer step: the average moves once per step (the first batch of a step changes nothing).
+    assert [step for step, _ in seen] == [0, 1, 1, 2, 2, 3]
+    after_steps = [p for i, (step, p) in enumerate(seen) if step > 0 and step != seen[i - 1][0]]
+    assert len(after_steps) == 3
+    exported = module.export()
+    final = dict(module.model.named_parameters())
+    assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    averaged = dict(module.ema.named_buffers())
+    for name, value in exported.named_parameters():
+        expected = start[name]
+        for p in after_steps:
+            expected = 0.6 * expected + 0.4 * p[name]
+        torch.testing.assert_close(value, expected, msg=name)
+        torch.testing.assert_close(averaged[name.replace(".", "__")], expected, msg=name)
+
+
 def test_a_killed_run_continues_from_its_last_checkpoint_with_the_same_command(tmp_path):
     args = ["experiment=toy_df", "init_from=null", *FAST, "trainer.max_steps=5", f"run.dir={tmp_path / 'run'}"]
     killed = run_train(*args, env={"LIVEAVATAR_TRAIN_KILL_AT_STEP": "3"})

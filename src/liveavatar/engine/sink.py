@@ -7,6 +7,10 @@
 - ``aas`` (Adaptive Attention Sink): the reference at first; once the first block is generated, its first
   latent frame replaces the reference (in latent space, at the reference's position) and stays the sole
   identity anchor, so that the sink is the model's own, in-distribution output.
+- ``evicted``: the ablation "without a sink" for a model that takes its reference as sink tokens. The reference
+  conditions the stream's start as the frame before it and leaves with the history window (from block
+  ``window_blocks`` on, when a history frame at its position would have been evicted); after that the identity
+  lives only in the generated frames, as in a causal model whose first frame slides out of its window.
 
 Where the sink sits relative to the current block is the position policy's business
 (:mod:`liveavatar.engine.positions`); here a sink frame only carries its *training* position.
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-SINKS = ("none", "reference", "aas")
+SINKS = ("none", "reference", "aas", "evicted")
 
 
 @dataclass
@@ -54,6 +58,12 @@ class SinkSchedule:
 
     @property
     def changes(self) -> bool:
+        """The sink switches to version 1 at ``switch_block``."""
+        return self.mode in ("aas", "evicted") or self.keep_first_block
+
+    @property
+    def needs_first_block(self) -> bool:
+        """Version 1 is made of block 0's clean latents (engines must hand them over before ``switch_block``)."""
         return self.mode == "aas" or self.keep_first_block
 
     @property
@@ -65,7 +75,7 @@ class SinkSchedule:
 
     def trained_positions(self, version: int) -> tuple[int, ...]:
         """Training positions of the frames of sink ``version`` (known before the latents are)."""
-        if self.mode == "none":
+        if self.mode == "none" or (version == 1 and self.mode == "evicted"):
             return ()
         if version == 1 and self.keep_first_block:
             return (self.reference_position, *range(self.frames_per_block))
@@ -88,6 +98,8 @@ class SinkSchedule:
         """The sink block ``b`` attends to."""
         if not self.changes or b < self.switch_block:
             return self.initial()
+        if self.mode == "evicted":
+            return SinkState(1, None, ())
         if self._switched is None:
             raise RuntimeError(f"block {b} needs the switched sink but block 0 has not finished")
         return self._switched

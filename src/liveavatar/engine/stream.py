@@ -64,7 +64,10 @@ class EngineSettings:
 
     @property
     def switch_block(self) -> int:
-        return self.sink_switch_block if self.sink_switch_block is not None else len(self.steps)
+        if self.sink_switch_block is not None:
+            return self.sink_switch_block
+        # engine.sink=evicted: the reference leaves when a history frame at its place would leave the window.
+        return self.window_blocks if self.sink == "evicted" else len(self.steps)
 
 
 def block_noise(seed: int, block: int, step: int, shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -179,8 +182,9 @@ class StreamCore:
         window_frames = settings.window_blocks * f
         self.positions = PositionPolicy(settings.rope_policy, f, window_frames, cfg.reference_position,
                                         settings.rolling_offset, settings.rapr_distance)
-        self.positions.check(list(self.sink.trained_positions(0)))
-        if self.sink.changes:
+        if settings.sink != "evicted":  # an evicted reference sits where a history frame would: no clash
+            self.positions.check(list(self.sink.trained_positions(0)))
+        if self.sink.needs_first_block:
             self.positions.check(list(self.sink.trained_positions(1)), from_frame=settings.switch_block * f)
         n_lanes = lanes if lanes is not None else (len(settings.steps) if settings.history == "timestep_forced" else 1)
         self.rope = RopeTables(self.h, self.w, cfg.head_dim, cfg.rope_theta, self.device)
@@ -231,7 +235,7 @@ class StreamCore:
                 f"engine={engine} needs engine.history=timestep_forced: the in-flight blocks are at different "
                 "steps, and only the timestep-forced history gives each step its own cache"
             )
-        if self.sink.changes and settings.switch_block < steps:
+        if self.sink.needs_first_block and settings.switch_block < steps:
             raise ValueError(
                 f"engine={engine} cannot switch the sink before block {steps} (the number of steps): "
                 f"engine.sink_switch_block={settings.switch_block}"
@@ -257,8 +261,10 @@ class StreamCore:
         for slot, frame in enumerate(self.cache.frame[lane]):
             if frame is None:
                 out.append(0)
-            elif slot < sink:
+            elif slot < sink and self.sink.mode != "evicted":
                 out.append(int(policy.sink_positions(frame, start)))
+            elif slot < sink:  # the evicted mode's reference is the frame before the stream, placed like history
+                out.append(int(policy.frame_positions(frame, start)))
             else:
                 out.append(int(policy.frame_positions(frame, start)))
         return tuple(out)
@@ -295,7 +301,8 @@ class StreamCore:
         """Run the sink tokens through the model (they see only themselves, at their training positions: only
         their offsets to each other matter) and store their un-rotated keys and values in ``lanes``. Every sink
         token carries timestep 0, so one modulation row serves them all."""
-        if state.latents is None:
+        if state.latents is None:  # no sink (any more): its slots become empty, hence masked
+            self.cache.commit_sink(lanes, state.positions)
             return
         model = self.model
         tokens = model.embed_reference(state.latents)

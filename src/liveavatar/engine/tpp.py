@@ -304,10 +304,10 @@ class DiTStage:
                 continue
             if self.sink_in_flight and block >= core.settings.switch_block:
                 self._receive_sink()
-            if block == 0 and core.sink.changes and not self.last:
+            if block == 0 and core.sink.needs_first_block and not self.last:
                 self.sink_in_flight = True
             x0, out = self._compute(x.to(core.device), block, grouped)
-            if self.last and block == 0 and core.sink.changes:
+            if self.last and block == 0 and core.sink.needs_first_block:
                 core.sink.first_block_done(x0)
                 for r in range(layout.steps - 1):
                     self.channel.send(r, SINK, 0, [x0])

@@ -7,6 +7,7 @@ a 14B model directly sharded.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 
 from ..engine.positions import PositionPolicy
 from ..models import AvatarDiT, DiTConfig
+from .ema import ParameterEMA
 from .flow_loss import FlowLossConfig, FlowMatchingLoss
 from .lora import LoraSettings, apply_lora, merged_copy
 from .sharding import gathered, mesh_of, shard_dit
@@ -33,6 +35,7 @@ class OptimSettings:
     warmup_steps: int = 0
     decay: str = "constant"     # constant | cosine (to min_lr_ratio * lr at max_steps)
     min_lr_ratio: float = 0.1
+    ema_decay: float | None = None  # an EMA of the trained weights, exported as the model (null: off)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class FlowMatchingModule(L.LightningModule):
         self.loss_fn = FlowMatchingLoss(FlowLossConfig(**loss), causal=stage == "diffusion_forcing",
                                         frames_per_block=self.dit_config.frames_per_block, positions=positions)
         self.model: AvatarDiT | None = None
+        self.ema: ParameterEMA | None = None
+        self._ema_step = -1
 
     # ------------------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -90,13 +95,18 @@ class FlowMatchingModule(L.LightningModule):
         if mesh is not None:  # trainer=fsdp: sharded block by block
             shard_dit(model, mesh, self.trainer.precision)
         self.model = model
+        if self.optim.ema_decay is not None:
+            self.ema = ParameterEMA(model, self.optim.ema_decay)
 
     def export(self) -> AvatarDiT | None:
         """The trained DiT with plain Wan2.1 parameter names (LoRA merged), for ``save_pretrained``. Sharded, it is
         gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
+        averages = self.ema.full_averages() if self.ema is not None else None  # collective when sharded
         model = gathered(self.model, self._plain_model)
         if model is None:
             return None
+        if averages is not None:
+            model = self.ema.copy_to(copy.deepcopy(model), averages)
         return merged_copy(model) if self.lora.enabled else model
 
     def _plain_model(self) -> AvatarDiT:
@@ -113,6 +123,15 @@ class FlowMatchingModule(L.LightningModule):
         self.log("train/x0_error", stats["x0_error"], batch_size=b)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         return loss
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step   # a resumed run's average already holds this step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Once per optimizer step (with gradient accumulation a step spans several batches).
+        if self.ema is not None and self.trainer.global_step != self._ema_step:
+            self._ema_step = self.trainer.global_step
+            self.ema.update(self.model)
 
     def configure_optimizers(self):
         o = self.optim
