@@ -387,3 +387,27 @@ def test_a_case_too_long_to_hold_is_scored_over_its_windows_alone(tmp_path, chec
     frames, _ = media.read_video(next((tmp_path / "win" / "cases").glob("*/video.mp4")))
     assert frames.shape[0] == 75
     assert (tmp_path / "win" / "report.html").is_file()
+
+
+def test_the_identity_over_time_figure_averages_cases_then_seeds(tmp_path):
+    def with_curves(folder, curves, seconds):
+        results = json.loads((folder / "results.json").read_text())
+        results["curves"], results["video_seconds"] = curves, seconds
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    # Two cases of different lengths and point counts: resampled onto the shorter one's 0..4 s, then averaged.
+    run = with_curves(genbench_run(tmp_path / "r0", tmp_path / "c0" / "model", {"flicker": 0.1}),
+                      {"a": [0.0, 1.0, 2.0], "b": [1.0, 1.0, 1.0, 1.0, 1.0]}, {"a": 4.0, "b": 8.0})
+    seconds, error = genbench_report.mean_identity_curve(json.loads((run / "results.json").read_text()), points=5)
+    np.testing.assert_allclose(seconds, [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(error, (np.array([0, 0.5, 1, 1.5, 2]) + 1) / 2)
+    flat = with_curves(genbench_run(tmp_path / "r1", tmp_path / "c1" / "model", {"flicker": 0.2}),
+                       {"a": [0.5, 0.5]}, {"a": 4.0})
+    compare_runs([run, flat], tmp_path / "cmp", names=["drifting", "flat"])
+    png = (tmp_path / "cmp" / "identity_over_time.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+    assert "Identity error over time" in (tmp_path / "cmp" / "comparison.html").read_text()
+    # Runs without curves (not a toy suite) get no such figure.
+    compare_runs([genbench_run(tmp_path / "r2", tmp_path / "c2" / "model", {"flicker": 0.3})], tmp_path / "none")
+    assert not (tmp_path / "none" / "identity_over_time.png").exists()

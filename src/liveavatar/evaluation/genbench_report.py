@@ -384,6 +384,51 @@ def comparison_plot(rows: dict[str, dict[str, float]],
     return _png(fig)
 
 
+def mean_identity_curve(results: dict, points: int = 200) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's identity error over time, averaged over its toy cases: ``(seconds [points], error [points])``, each
+    case's curve resampled onto the shortest case's duration. None without curves."""
+    curves = results.get("curves") or {}
+    if not curves:
+        return None
+    seconds = min(results["video_seconds"][case] for case in curves)
+    grid = np.linspace(0.0, seconds, points)
+    resampled = [np.interp(grid, np.linspace(0.0, results["video_seconds"][case], len(curve)), curve)
+                 for case, curve in curves.items()]
+    return grid, np.mean(resampled, axis=0)
+
+
+def identity_over_time_plot(runs: list[Run], groups: list[list[int]], labels: list[str]) -> bytes | None:
+    """PNG bytes: each setting's identity error over time (mean over cases, then over its seeds, with a band of
+    one seed-to-seed std where it has several). None when no run has curves (not a toy suite)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    lines = []
+    for label, members in zip(labels, groups):
+        per_run = [c for c in (mean_identity_curve(runs[i].results) for i in members) if c is not None]
+        if per_run:
+            seconds = min(c[0][-1] for c in per_run)
+            grid = np.linspace(0.0, seconds, len(per_run[0][0]))
+            values = np.stack([np.interp(grid, t, v) for t, v in per_run])
+            lines.append((label, grid, values))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, grid, values in lines:
+        mean = values.mean(axis=0)
+        ax.plot(grid, mean, lw=1.2, label=f"{label} (n={len(values)})")
+        if len(values) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("identity error")
+    ax.set_title("identity error over time (mean over cases and seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return base64.b64decode(_png(fig))
+
+
 # ---------------------------------------------------------------------------------------------- writers
 def _page(title: str, body: list[str]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
@@ -493,5 +538,10 @@ def compare_runs(folders: list[Path], out: Path, names: list[str] | None = None)
         body.append(f"<img alt='comparison' src='data:image/png;base64,{plot}'>")
     if last:
         body += ["<h2>Last time window</h2>", _html_table(seed_table(last)), _html_notes(seed_notes(last))]
+    curves = identity_over_time_plot(runs, groups, labels)
+    if curves:  # also a file of its own: the long-horizon figure people paste into notes and READMEs
+        atomic.write_bytes(out / "identity_over_time.png", curves)
+        body += ["<h2>Identity error over time</h2>",
+                 f"<img alt='identity over time' src='data:image/png;base64,{base64.b64encode(curves).decode()}'>"]
     atomic.write_text(out / "comparison.html", _page("GenBench comparison", body))
     return table + "\n" + "\n".join(notes) + "\n"
