@@ -411,3 +411,14 @@ def test_the_identity_over_time_figure_averages_cases_then_seeds(tmp_path):
     # Runs without curves (not a toy suite) get no such figure.
     compare_runs([genbench_run(tmp_path / "r2", tmp_path / "c2" / "model", {"flicker": 0.3})], tmp_path / "none")
     assert not (tmp_path / "none" / "identity_over_time.png").exists()
+
+
+def test_sweep_job_folders_are_flat_and_short_whatever_the_overrides():
+    from liveavatar.cli import MAX_DIRNAME, sweep_dirname
+
+    assert sweep_dirname("checkpoint=outputs/train/a/model,engine.sink=aas") == \
+        "checkpoint=outputs_train_a_model,engine.sink=aas"
+    long_a = "checkpoint=/x/model," + ",".join(f"key{i}=value{i}" for i in range(40))
+    long_b = long_a.replace("value39", "other39")   # differs only past the cut
+    a, b = sweep_dirname(long_a), sweep_dirname(long_b)
+    assert len(a) == MAX_DIRNAME and "/" not in a and a != b and a[:80] == b[:80]
