@@ -149,6 +149,37 @@ def test_infer_with_a_second_voice_and_labels(tmp_path, listening_checkpoint):
         run(config(tmp_path, *base, f"audio_mask={tmp_path / 'short.npy'}"))
 
 
+@pytest.mark.distributed
+def test_tpp_takes_both_voices_and_equals_sequential(tmp_path, listening_checkpoint):
+    """TPP (2 DiT ranks + the decoding rank) with the second voice and labels: rank 0 builds each block's talk and
+    listen features; the video equals the sequential engine's, frame for frame (one thread each, as TPP ranks run)."""
+    from test_tpp import infer
+
+    other = tmp_path / "other.wav"
+    media.write_wav(other, voice([(0.2, 0.8)], 1.0, 240), SR)
+    mask = tmp_path / "mask.npy"
+    np.save(mask, (np.arange(25) >= 12).astype(np.float32))   # listening for the first half, then speaking
+    common = ["model.dit.listening=true", f"checkpoint={listening_checkpoint}", "output.frames=true",
+              "denoise.steps=[1000,500]", f"listen_audio={other}", f"audio_mask={mask}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(config(tmp_path, *common, f"output.path={tmp_path}/seq.mp4"))
+    finally:
+        torch.set_num_threads(threads)
+    root = Path(__file__).resolve().parents[1]
+    r = infer(f"image={root}/data/example/reference.png", f"audio={root}/data/example/speech.wav", "max_seconds=1",
+              "engine=tpp", "engine.timeout_s=60", f"output.path={tmp_path}/tpp.mp4", *common, nproc=3, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sequential = np.load(tmp_path / "seq.frames.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "tpp.frames.npy"), sequential)
+    # The labels matter in this stream: all speaking gives another video.
+    np.save(tmp_path / "speaking.npy", np.ones(25, dtype=np.float32))
+    talking = [o for o in common if not o.startswith("audio_mask")] + [f"audio_mask={tmp_path / 'speaking.npy'}"]
+    run(config(tmp_path, *talking, f"output.path={tmp_path}/talk.mp4"))
+    assert np.abs(np.load(tmp_path / "talk.frames.npy").astype(int) - sequential.astype(int)).mean() > 0.05
+
+
 # --------------------------------------------------------------------------------------------- the toy world
 def test_toy_conversations_take_turns_listen_with_a_closed_mouth_and_nod():
     from liveavatar.data import toy

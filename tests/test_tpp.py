@@ -100,6 +100,7 @@ SINKS = {
     "reference": ["engine.sink=reference"],
     "reference + first block": ["engine.sink=reference", "engine.keep_first_block=true"],
     "aas": ["engine.sink=aas"],
+    "evicted": ["engine.sink=evicted"],   # the reference leaves at block 1 (window 1), no block-0 handover
 }
 
 

@@ -1,0 +1,122 @@
+"""``serve.py``: load the pipeline a config names (``conf/serve.yaml``), build the app and serve it with uvicorn;
+:class:`BackgroundServer` serves an app from a thread (tests and ``bench/serve.py``).
+
+The socket is bound here, before uvicorn starts, so that a port in use is one line (and ``server.port=0`` picks a
+free port whose URL can be printed).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from omegaconf import DictConfig
+
+from ..components import UserError
+from ..pipeline import LiveAvatarPipeline
+from .app import AppSettings, create_app
+from .session import SessionOptions
+
+SERVABLE_ENGINES = ("sequential", "stream_batch")
+
+
+def settings_from_config(cfg: DictConfig) -> AppSettings:
+    """``server.*`` -> :class:`AppSettings`, each bad value one line."""
+    s = cfg.server
+    images = Path(s.images)
+    if not images.is_dir():
+        raise UserError(f"server.images={s.images}: not a folder (the reference images the page offers)")
+    checks = [("max_queue", s.max_queue >= 0), ("max_lag_s", s.max_lag_s > 0), ("grace_s", s.grace_s >= 0),
+              ("max_image_mb", s.max_image_mb > 0), ("min_side", s.min_side >= 1),
+              ("max_session_s", s.max_session_s is None or s.max_session_s > 0)]
+    for key, ok in checks:
+        if not ok:
+            raise UserError(f"server.{key}={s[key]}: out of range")
+    session = SessionOptions(max_lag_s=float(s.max_lag_s), grace_s=float(s.grace_s),
+                             max_seconds=None if s.max_session_s is None else float(s.max_session_s),
+                             min_side=int(s.min_side), crf=int(s.crf))
+    return AppSettings(max_queue=int(s.max_queue), images=images, image=s.image,
+                       max_image_bytes=int(float(s.max_image_mb) * 2**20), session=session)
+
+
+def check_engine(cfg: DictConfig) -> None:
+    name = cfg.engine.name
+    if name == "tpp":
+        raise UserError("engine=tpp: serve.py does not run TPP yet (the live audio would have to reach rank 0 and "
+                        "the video come back from the output rank across processes); serve with "
+                        "engine=sequential or engine=stream_batch")
+    if name not in SERVABLE_ENGINES:
+        raise UserError(f"engine={name}: serve.py runs {', '.join(SERVABLE_ENGINES)}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free one)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+    except (OSError, OverflowError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UserError(f"server.host={host} server.port={port}: cannot listen there: {reason}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):  # every interface: this machine's own name works in a browser here
+        host = "localhost"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def uvicorn_server(app: FastAPI, cfg: DictConfig | None = None) -> uvicorn.Server:
+    ssl = {} if cfg is None else {"ssl_certfile": cfg.server.get("ssl_certfile"),
+                                  "ssl_keyfile": cfg.server.get("ssl_keyfile")}
+    config = uvicorn.Config(app, log_level="warning", ws_max_size=32 * 2**20, ws_ping_interval=20,
+                            **{k: v for k, v in ssl.items() if v})
+    return uvicorn.Server(config)
+
+
+def run(cfg: DictConfig) -> None:
+    """``python serve.py ...``: refuse what cannot be served, load, listen, print the URL, serve until Ctrl-C."""
+    check_engine(cfg)
+    settings = settings_from_config(cfg)
+    sock = bind(cfg.server.host, cfg.server.port)  # before the (slow) load: a port in use is said at once
+    pipe = LiveAvatarPipeline.from_config(cfg)
+    server = uvicorn_server(create_app(pipe, settings), cfg)
+    scheme = "https" if cfg.server.get("ssl_certfile") else "http"
+    print(f"liveavatar: serving {cfg.model.name} ({pipe.engine}, {pipe.device}) on {url_of(sock, scheme)} "
+          "- open it in a browser, pick a reference image, press Start and speak", flush=True)
+    if scheme == "http" and cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: browsers give the microphone only to https pages or to localhost: from another machine, "
+              "forward the port (ssh -L) or set server.ssl_certfile/ssl_keyfile", flush=True)
+    server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """Serve ``app`` on ``host`` (a free port) from a thread: ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.sock = bind(host, port)
+        self.url = url_of(self.sock)
+        self.server = uvicorn_server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
