@@ -339,3 +339,19 @@ def test_strategies_are_built_by_name():
     except ImportError:
         with pytest.raises(ValueError, match="pip install"):
             build_strategy({"name": "deepspeed", "stage": 3})
+
+
+def test_the_denoise_probe_reads_a_run_folder_and_reports_each_noise_level(tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run_train("experiment=toy_df", "init_from=null", *FAST, "trainer.max_steps=2", f"run.dir={run_dir}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    probe = [sys.executable, str(ROOT / "scripts" / "denoise_probe.py")]
+    done = subprocess.run([*probe, str(run_dir), "--timesteps", "500", "20", "--clips", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    levels = json.loads(done.stdout.strip().splitlines()[-1])["levels"]
+    assert [r["t"] for r in levels] == [500, 20]
+    # Returning the noisy input is off by sigma * |noise - x0|: 25x smaller at t = 20 than at t = 500.
+    assert levels[0]["noisy_input_error"] / levels[1]["noisy_input_error"] == pytest.approx(25, rel=0.15)
+    bad = subprocess.run([*probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.splitlines()) == 1
