@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -245,12 +244,17 @@ def test_audio_far_ahead_of_the_engine_is_dropped_in_whole_blocks_and_counted(pi
     assert first["backlog_s"] <= 0.24 + 1e-9
 
 
-def test_an_uploaded_image_is_served(pipes):
+def test_an_uploaded_image_is_served_until_the_session_limit(pipes):
     url = "data:image/png;base64," + base64.b64encode(REFERENCE.read_bytes()).decode()
-    with serving(pipes) as (ws_url, _, _), connect(ws_url) as ws:
+    with serving(pipes, "server.max_session_s=0.5") as (ws_url, _, _), connect(ws_url) as ws:
         ws.send(json.dumps({"type": "start", "image_data": url}))
         assert receive(ws)["type"] == "started"
-        receive_until(ws, of_type("block"))  # silence while the client sends nothing: the avatar still moves
+        messages = closed_after(ws)  # the client sends nothing: silence, and the avatar still moves
+    assert messages[-1]["type"] == "ended" and messages[-1]["reason"] == "limit"
+    blocks = [m for m in messages if of_type("block")(m)]
+    assert blocks and all(b["audio_sample"] is None for b in blocks) and blocks[-1]["silent_blocks"] == len(blocks)
+    frames, _, _ = decode(b"".join(m for m in messages if isinstance(m, bytes)))
+    assert len(frames) == sum(b["frames"] for b in blocks) >= 12
 
 
 def test_second_client_waits_with_its_position_then_is_served_and_a_third_is_refused(pipes):
@@ -339,7 +343,8 @@ def test_cli_refusals_are_one_line(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         for args, words in [(["engine=tpp"], "engine=tpp"), ([f"server.port={port}"], f"server.port={port}"),
-                            ([f"server.images={tmp_path}/none"], "server.images")]:
+                            ([f"server.images={tmp_path}/none"], "server.images"),
+                            (["model.dit.listening=true"], "model.dit.listening")]:
             result = run_serve(*args, f"hydra.run.dir={tmp_path}/hydra")
             assert result.returncode == 2, result
             lines = result.stderr.strip().splitlines()
@@ -368,6 +373,20 @@ def test_cli_prints_the_url_and_serves_the_page(tmp_path, tiny_checkpoint):
 # ------------------------------------------------------------------------------------------------ the browser
 
 
+PAGE_STATE = """() => { const v = document.getElementById('avatar'); const l = window.liveavatar;
+    return {state: l.state, error: l.error, time: v.currentTime, paused: v.paused, ready: v.readyState,
+            buffered: v.buffered.length ? [v.buffered.start(0), v.buffered.end(v.buffered.length - 1)] : null,
+            shown: l.framesShown, blocks: l.blocks, sent: l.samplesSent, g2g: l.g2g.length}; }"""
+
+
+def wait_for(page, condition: str, timeout_s: float):
+    """``page.wait_for_function``, failing with the page's state instead of a bare timeout."""
+    try:
+        page.wait_for_function(condition, timeout=timeout_s * 1000)
+    except Exception as err:  # playwright's TimeoutError
+        pytest.fail(f"waited {timeout_s} s for {condition}: {type(err).__name__}; page: {page.evaluate(PAGE_STATE)}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install "
                                                    "chromium; .ci/run installs it)")
@@ -386,18 +405,26 @@ def test_browser_talks_to_the_avatar(pipes, tmp_path, capsys):
             page.goto(http_url)
             page.wait_for_function("document.getElementById('gallery').value === 'reference.png'")
             page.click("#start")
-            page.wait_for_function("window.liveavatar.state === 'streaming'", timeout=15000)
+            wait_for(page, "window.liveavatar.state === 'streaming'", 15)
             t0 = page.evaluate("document.getElementById('avatar').currentTime")
-            page.wait_for_function("document.getElementById('avatar').currentTime > 2.5 "
-                                   "&& window.liveavatar.g2g.length >= 5", timeout=30000)
+            wait_for(page, "document.getElementById('avatar').currentTime > 2.5 && window.liveavatar.g2g.length >= 5", 30)
             live = page.evaluate("""() => { const v = document.getElementById('avatar'); const l = window.liveavatar;
                 const q = v.getVideoPlaybackQuality();
                 return {state: l.state, error: l.error, time: v.currentTime, paused: v.paused,
                         decoded: q.totalVideoFrames, shown: l.framesShown, ttff: l.ttff, g2g: l.g2g,
                         sent: l.samplesSent, server: l.server}; }""")
             page.click("#stop")
+            # Start again on the same page: a new session, a new stream into the same <video>.
+            wait_for(page, "!document.getElementById('start').disabled", 10)
+            page.click("#start")
+            wait_for(page, "window.liveavatar.state === 'streaming' && window.liveavatar.framesShown > 25 "
+                           "&& document.getElementById('avatar').currentTime > 1", 30)
+            again = page.evaluate("[window.liveavatar.framesShown, document.getElementById('avatar').currentTime]")
         finally:
             browser.close()
+    # Each frame presented is counted once (the second session too), about 25 per second of video played.
+    for shown, played in ((live["shown"], live["time"]), tuple(again)):
+        assert 0.7 < shown / (played * 25) < 1.3, (shown, played)
     assert not errors and live["error"] is None and live["state"] == "streaming"
     assert live["time"] > t0 + 2 and not live["paused"]
     assert live["decoded"] > 50 and live["shown"] > 50 and live["sent"] > 16000

@@ -185,8 +185,9 @@ class Connection:
             message = await self._receive()
             if message.get("text") is None:
                 raise ProtocolError("expected a JSON start message first, got binary data")
-            image = start_image(parse_json(message["text"], "start"), state.images, state.pipe.components.resolution,
-                                state.settings.max_image_bytes)
+            # Decoding an upload takes a moment: off the event loop, which serves the other sockets.
+            image = await asyncio.to_thread(start_image, parse_json(message["text"], "start"), state.images,
+                                            state.pipe.components.resolution, state.settings.max_image_bytes)
         except WebSocketDisconnect:
             return
         except ProtocolError as err:

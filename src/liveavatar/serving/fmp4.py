@@ -120,6 +120,7 @@ class FragmentWriter:
         self._frame_ticks = round(self._video_scale / self.fps)
         self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_RATE)
         self._sequence = 0
+        self._closed = False
         self._audio_time = 0  # decode time of the next audio sample written (48 kHz ticks)
         self.frames = 0       # video frames written
         self.samples = 0      # audio samples given (at sample_rate)
@@ -148,9 +149,14 @@ class FragmentWriter:
         return self._fragment(video, self._encode_audio(np.asarray(audio, dtype=np.float32)))
 
     def close(self) -> bytes:
-        """Flush both encoders: the last fragment (possibly empty bytes)."""
+        """Flush both encoders and free them: the last fragment (possibly empty bytes). Safe to call twice."""
+        if self._closed:
+            return b""
+        self._closed = True
         audio = [p for f in self._resampler.resample(None) for p in self._audio.encode(f)] + self._audio.encode(None)
-        return self._fragment(self._video.encode(None), [p for p in audio if p.pts is None or p.pts >= 0])
+        tail = self._fragment(self._video.encode(None), [p for p in audio if p.pts is None or p.pts >= 0])
+        self._container.close()  # the trailer it writes to the sink is not part of the stream
+        return tail
 
     def _encode_audio(self, audio: np.ndarray) -> list:
         if audio.size == 0:

@@ -45,7 +45,7 @@ class LiveAudio:
         clock: seconds, monotonic (a test may pass its own).
     """
 
-    def __init__(self, sample_rate: int, max_lag_s: float = 1.0, grace_s: float = 0.25,
+    def __init__(self, sample_rate: int, max_lag_s: float = 0.5, grace_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic):
         if not max_lag_s > 0 or not grace_s >= 0:
             raise ValueError(f"max_lag_s={max_lag_s} must be > 0 and grace_s={grace_s} >= 0")

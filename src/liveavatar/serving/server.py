@@ -42,7 +42,11 @@ def settings_from_config(cfg: DictConfig) -> AppSettings:
                        max_image_bytes=int(float(s.max_image_mb) * 2**20), session=session)
 
 
-def check_engine(cfg: DictConfig) -> None:
+def check_servable(cfg: DictConfig) -> None:
+    """What the server cannot run yet, refused in one line before the model loads."""
+    if (cfg.model.get("dit") or {}).get("listening"):
+        raise UserError("model.dit.listening=true: serve.py streams one live voice; a listening model's second voice "
+                        "(the interlocutor's) is not served yet")
     name = cfg.engine.name
     if name == "tpp":
         raise UserError("engine=tpp: serve.py does not run TPP yet (the live audio would have to reach rank 0 and "
@@ -84,7 +88,7 @@ def uvicorn_server(app: FastAPI, cfg: DictConfig | None = None) -> uvicorn.Serve
 
 def run(cfg: DictConfig) -> None:
     """``python serve.py ...``: refuse what cannot be served, load, listen, print the URL, serve until Ctrl-C."""
-    check_engine(cfg)
+    check_servable(cfg)
     settings = settings_from_config(cfg)
     sock = bind(cfg.server.host, cfg.server.port)  # before the (slow) load: a port in use is said at once
     pipe = LiveAvatarPipeline.from_config(cfg)

@@ -31,7 +31,7 @@ class SessionOptions:
     (video per session, None: no limit), ``min_side`` (frames are upscaled, nearest, until the shorter side is at
     least this), ``crf`` (x264 quality), ``recent_blocks`` (the window of the recent real-time factor)."""
 
-    max_lag_s: float = 1.0
+    max_lag_s: float = 0.5
     grace_s: float = 0.25
     max_seconds: float | None = None
     min_side: int = 256
@@ -97,11 +97,13 @@ class Session:
         self.audio.cancel()
 
     def started_message(self) -> dict:
+        """What the page needs to play the stream: the MIME type for MediaSource, the video's rate and size, and
+        the frames of a (steady-state) block, which sets the player's jitter lead."""
         h, w = self.pipe.components.resolution
         scale = upscale_factor(h, w, self.options.min_side)
+        first, end = self.clock.frames(1)
         return {"type": "started", "mime": MIME, "fps": self.pipe.fps, "sample_rate": SAMPLE_RATE,
-                "width": w * scale, "height": h * scale, "block_frames": self.clock.frames(1)[1] - self.clock.frames(1)[0],
-                "engine": self.pipe.engine}
+                "width": w * scale, "height": h * scale, "block_frames": end - first, "engine": self.pipe.engine}
 
     def _chunks(self) -> Iterator[np.ndarray]:
         """The client's audio, one block's exact samples at a time, until the session's video limit."""
@@ -145,6 +147,7 @@ class Session:
                 try:
                     index, frames = next(stream)
                 except StopIteration:
+                    self.emit(writer.close())
                     return "limit"
                 fed = self._fed.popleft()
                 media_start = writer.seconds
@@ -172,6 +175,8 @@ class Session:
             traceback.print_exc()
             self.emit({"type": "error", "message": f"the server failed: {type(err).__name__}: {err}"})
             return "error"
+        finally:
+            writer.close()
 
     def _figures(self, busy: float, video_s: float, recent: deque) -> dict:
         fps = self.pipe.fps

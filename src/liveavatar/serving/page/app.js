@@ -26,7 +26,7 @@ const live = window.liveavatar = {
   samplesSent: 0,
 };
 
-let ws = null, mic = null, audioCtx = null, mediaSource = null, sourceBuffer = null;
+let ws = null, mic = null, micSource = null, audioCtx = null, capture = null, mediaSource = null, sourceBuffer = null;
 let pending = [];         // fragments waiting for the SourceBuffer
 let blocks = [];          // block messages whose first frame has not been shown yet
 let sendLog = [];         // [samples sent so far, performance.now()] per chunk sent
@@ -66,29 +66,50 @@ $("upload").addEventListener("change", () => {
 
 // ---------------------------------------------------------------------------------------------- microphone
 
+// One AudioContext (and its worklet module) for the page's life: each session only adds a source and a capture
+// node to it, and Stop removes them (a context closed and made again at once can fail to load the module).
+async function audioContext() {
+  if (!audioCtx) {
+    let ctx;
+    try {
+      ctx = new AudioContext({ sampleRate: 16000 });
+    } catch (e) {
+      ctx = new AudioContext();  // the worklet resamples
+    }
+    await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+    audioCtx = ctx;  // only once the module is in
+  }
+  await audioCtx.resume();
+  return audioCtx;
+}
+
 async function startMicrophone() {
   mic = await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: true },
   });
-  try {
-    audioCtx = new AudioContext({ sampleRate: 16000 });
-  } catch (e) {
-    audioCtx = new AudioContext();  // the worklet resamples
-  }
-  await audioCtx.audioWorklet.addModule("/static/mic-worklet.js");
-  const source = audioCtx.createMediaStreamSource(mic);
-  const capture = new AudioWorkletNode(audioCtx, "pcm16-capture",
-                                       { processorOptions: { targetRate: 16000, chunk: 640 } });
-  const silent = audioCtx.createGain();
+  const ctx = await audioContext();
+  const source = micSource = ctx.createMediaStreamSource(mic);
+  const node = capture = new AudioWorkletNode(ctx, "pcm16-capture",
+                                              { processorOptions: { targetRate: 16000, chunk: 640 } });
+  const silent = ctx.createGain();
   silent.gain.value = 0;  // the graph must reach the destination to be processed; nothing is heard
-  source.connect(capture).connect(silent).connect(audioCtx.destination);
-  capture.port.onmessage = (e) => {
-    if (!ws || ws.readyState !== WebSocket.OPEN || live.state !== "streaming") return;
+  source.connect(node).connect(silent).connect(ctx.destination);
+  node.port.onmessage = (e) => {
+    // (a stopped microphone's last chunks are not the new session's audio)
+    if (node !== capture || !ws || ws.readyState !== WebSocket.OPEN || live.state !== "streaming") return;
     ws.send(e.data);
     live.samplesSent += e.data.byteLength / 2;
     sendLog.push([live.samplesSent, performance.now()]);
     if (sendLog.length > 2000) sendLog = sendLog.slice(-1000);
   };
+}
+
+function stopMicrophone() {
+  if (micSource) micSource.disconnect();
+  if (capture) capture.disconnect();
+  if (mic) mic.getTracks().forEach((t) => t.stop());
+  if (audioCtx) audioCtx.suspend();
+  mic = micSource = capture = null;
 }
 
 // When the client sample `sample` had been sent (null if no longer known).
@@ -108,16 +129,17 @@ function startPlayer(mime) {
   if (!window.MediaSource || !MediaSource.isTypeSupported(mime)) {
     throw new Error("this browser cannot play " + mime + " through Media Source Extensions");
   }
-  mediaSource = new MediaSource();
-  video.src = URL.createObjectURL(mediaSource);
+  sourceBuffer = null;  // the last session's buffer leaves with its MediaSource: nothing more goes into it
+  const ms = mediaSource = new MediaSource();
+  video.src = URL.createObjectURL(ms);
   video.muted = $("mute").checked;
-  mediaSource.addEventListener("sourceopen", () => {
-    sourceBuffer = mediaSource.addSourceBuffer(mime);
-    sourceBuffer.mode = "segments";
-    sourceBuffer.addEventListener("updateend", () => { startPlayback(); pump(); });
+  ms.addEventListener("sourceopen", () => {
+    if (ms !== mediaSource) return;
+    const sb = sourceBuffer = ms.addSourceBuffer(mime);
+    sb.mode = "segments";
+    sb.addEventListener("updateend", () => { if (sb === sourceBuffer) { startPlayback(); pump(); } });
     pump();
   }, { once: true });
-  video.requestVideoFrameCallback(onFrame);
 }
 
 function pump() {
@@ -227,14 +249,17 @@ async function start() {
     return;
   }
   setStatus("connecting");
-  ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => {
+  const socket = ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
     const start = upload ? { type: "start", image_data: upload } : { type: "start", image: $("gallery").value };
-    ws.send(JSON.stringify(start));
+    socket.send(JSON.stringify(start));
   };
-  ws.onmessage = onMessage;
-  ws.onclose = (e) => {
+  // A stopped session's socket may still deliver its last messages after Start was pressed again: only the
+  // current socket speaks to the page.
+  socket.onmessage = (e) => { if (socket === ws) onMessage(e); };
+  socket.onclose = (e) => {
+    if (socket !== ws) return;
     if (live.state === "streaming" || live.state === "queued" || live.state === "connecting") {
       fail("the server closed the connection" + (e.reason ? ": " + e.reason : ""));
     }
@@ -245,9 +270,7 @@ async function start() {
 
 function stop(sendStop = true) {
   if (ws && ws.readyState === WebSocket.OPEN && sendStop) ws.send(JSON.stringify({ type: "stop" }));
-  if (mic) mic.getTracks().forEach((t) => t.stop());
-  if (audioCtx) audioCtx.close();
-  mic = audioCtx = null;
+  stopMicrophone();
   if (sendStop && live.state !== "error") { live.state = "ended"; setStatus("stopped"); }
   $("start").disabled = false;
   $("stop").disabled = true;
@@ -280,4 +303,5 @@ function showFigures() {
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", () => stop(true));
 $("mute").addEventListener("change", () => { video.muted = $("mute").checked; });
+if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) video.requestVideoFrameCallback(onFrame);
 loadGallery();
