@@ -44,12 +44,13 @@ def run(engine_cls, setup, n_blocks, seed=3, **kw):
 
 
 def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks, seed=3, shift=5.0,
-                          rolling_offset=FPB, rapr_distance=10, audio_upto=None, motion_latents=None):
+                          rolling_offset=FPB, rapr_distance=10, audio_upto=None, motion_latents=None, evicted=False):
     """Block-by-block sampling where every forward is the full-sequence causal forward over the whole video so
     far (no cache): the history blocks at their cached noise level, then the current block; the window is the
     attention mask's, and each block's sink sits where the papers' formulas put it. ``audio_upto(n)`` gives the
     forward's audio for the first ``n`` blocks (default: this module's grouped features); ``motion_latents`` join
-    the sink as FramePack tokens."""
+    the sink as FramePack tokens. ``evicted``: the reference sits at its training position as the frame before the
+    stream and is hidden from the blocks past the window (the training forward of ``loss.sink_evicted``)."""
     model, context, reference = setup
     if audio_upto is None:
         grouped, _ = audio_blocks(n_blocks)
@@ -62,8 +63,10 @@ def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks
     clean = []
     for b in range(n_blocks):
         x = block_noise(seed, b, 0, shape, "cpu")
-        sink_pos = torch.tensor([[[paper_sink_position(policy, j * FPB, ref, rolling_offset, rapr_distance)]
+        sink_pos = torch.tensor([[[ref if evicted else paper_sink_position(policy, j * FPB, ref, rolling_offset,
+                                                                            rapr_distance)]
                                   for j in range(b + 1)]])
+        visible = torch.tensor([[j < window_blocks for j in range(b + 1)]]) if evicted else None
         for s, t in enumerate(ts):
             inputs[b, s] = x
             if history == "timestep_forced":
@@ -75,7 +78,7 @@ def full_sequence_rollout(setup, n_blocks, history, steps, policy, window_blocks
             with torch.no_grad():
                 v = model(seq, tt, context, audio=audio_upto(b + 1), causal=True, reference=reference,
                           reference_pos=sink_pos, window_blocks=window_blocks,
-                          motion_latents=motion_latents)[:, :, -FPB:]
+                          motion_latents=motion_latents, sink_visible=visible)[:, :, -FPB:]
             x0 = flow.x0_from_velocity(x, v, t.reshape(1))
             if s + 1 < len(ts):
                 x = flow.add_noise(x0, block_noise(seed, b, s + 1, shape, "cpu"), ts[s + 1].reshape(1))
@@ -94,6 +97,21 @@ def test_cached_engine_equals_full_sequence_forward(setup, history, policy):
     got, _ = run(SequentialEngine, setup, 7, **kw)
     expected = full_sequence_rollout(setup, 7, history, steps, policy, window, rapr_distance=6)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["absolute", "rolling"])
+def test_evicted_sink_stream_equals_the_training_forward_that_hides_the_sink_past_the_window(setup, policy):
+    """engine.sink=evicted streams what loss.sink_evicted trains: 6 blocks through a 2-block window, the reference
+    seen by blocks 0 and 1 only. Against the full-sequence forward with the sink hidden per block (and not merely
+    dropped: the sink-free stream differs from block 0 on, the always-present one from block 2 on)."""
+    steps, window = [1000, 750, 500], 2
+    got, _ = run(SequentialEngine, setup, 6, steps=steps, sink="evicted", window_blocks=window, rope_policy=policy)
+    expected = full_sequence_rollout(setup, 6, "timestep_forced", steps, policy, window, evicted=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    kept, _ = run(SequentialEngine, setup, 6, steps=steps, sink="reference", window_blocks=window,
+                  rope_policy="absolute")
+    torch.testing.assert_close(got[:, :, : window * FPB], kept[:, :, : window * FPB], rtol=1e-5, atol=1e-6)
+    assert (got[:, :, window * FPB :] - kept[:, :, window * FPB :]).abs().max() > 1e-4
 
 
 SINKS = [dict(sink="none"), dict(sink="reference"), dict(sink="reference", keep_first_block=True), dict(sink="aas"),

@@ -66,3 +66,35 @@ def test_the_loss_gives_the_model_the_engines_window_and_sink_positions():
     expected = [[[paper_sink_position("rapr", r + 2 * j, -1, 2, 5)] for j in range(3)] for r in starts]
     assert kw["reference_pos"].tolist() == expected
     assert all(p.grad is not None for p in model.blocks[0].self_attn.parameters())
+
+
+def test_evicted_clips_start_the_stream_and_only_their_first_window_sees_the_sink():
+    torch.manual_seed(0)
+    model = randomise(AvatarDiT(tiny_config(reference="sink", frames_per_block=2)), std=0.1)
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(kwargs) or real_forward(*args, **kwargs)
+    policy = PositionPolicy("rolling", frames_per_block=2, window_frames=4, train_shift=7)
+    loss_fn = FlowMatchingLoss(FlowLossConfig(sink_evicted=0.5), causal=True, frames_per_block=2, positions=policy)
+    g = torch.Generator().manual_seed(2)
+    batch = {"latents": torch.randn(32, 4, 8, 4, 4, generator=g), "reference": torch.randn(32, 4, 1, 4, 4, generator=g),
+             "text": torch.randn(32, 5, 32, generator=g)}
+    loss, _ = loss_fn(model, batch, generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(loss)
+    (kw,) = calls
+    evicted = ~kw["sink_visible"].all(dim=1)
+    assert 6 <= int(evicted.sum()) <= 26    # about half of 32
+    # Evicted clips: the stream's first 8 frames, the reference just before them for every block, visible to the
+    # first 2 blocks (the window) only. The others: placed and seen as before.
+    for i in range(32):
+        if evicted[i]:
+            assert kw["frame_pos"][i].tolist() == list(range(8))
+            assert kw["reference_pos"][i].flatten().tolist() == [-1] * 4
+            assert kw["sink_visible"][i].tolist() == [True, True, False, False]
+        else:
+            r = int(kw["frame_pos"][i, 0])
+            assert kw["reference_pos"][i].flatten().tolist() == [paper_sink_position("rolling", r + 2 * j, -1, 2, 10)
+                                                                  for j in range(4)]
+    with pytest.raises(ValueError, match="model.dit.reference=sink"):
+        concat = randomise(AvatarDiT(tiny_config(reference="concat", frames_per_block=2)), std=0.1)
+        loss_fn(concat, batch)

@@ -455,6 +455,7 @@ class AvatarDiT(nn.Module):
         motion_t: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         motion_latents: torch.Tensor | None = None,
+        sink_visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Full-sequence forward (training, and the reference for the streaming engine).
 
@@ -482,6 +483,8 @@ class AvatarDiT(nn.Module):
                 (:meth:`embed_motion`). Bidirectional: every token sees every token, as in the original S2V forward.
                 Block-causal: the motion tokens join the sink (``model.sink_motion``, as Live Avatar's release streams),
                 at their own fixed time positions in the frames' numbering (``-1``, ``-3``, ...).
+            sink_visible: ``[B, F / frames_per_block]`` bool, with a sink position per block: False hides that
+                block's sink from it (the reference has left with the window, ``engine.sink=evicted``).
         Returns:
             ``[B, out_dim, F, H, W]`` predicted velocity (float32).
         """
@@ -542,7 +545,8 @@ class AvatarDiT(nn.Module):
         e, e6 = self.time_modulation(t, audio_tokens)
         attention = sequence_attention(frame_pos.to(x.device), None if reference_pos is None else reference_pos.to(x.device),
                                        (h, w), cfg.head_dim, cfg.rope_theta, causal, cfg.frames_per_block,
-                                       window_blocks if causal else None, k, sink_extra)
+                                       window_blocks if causal else None, k, sink_extra,
+                                       sink_visible if reference_pos is not None else None)
         # The sink's and the motion frames' tokens: no audio, no output.
         before_clip = (sink_frames + k) * h * w + extra_tokens
         out = self.run_blocks(tokens, e6, self.embed_text(context), attention, audio_tokens, before_clip, segments)

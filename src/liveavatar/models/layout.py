@@ -62,7 +62,8 @@ def _joined(tables: list[RotaryTable]) -> RotaryTable:
 def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, grid: tuple[int, int],
                        head_dim: int, theta: float, causal: bool, frames_per_block: int,
                        window_blocks: int | None = None, context_frames: int = 0,
-                       sink_extra: torch.Tensor | None = None) -> SequenceAttention:
+                       sink_extra: torch.Tensor | None = None,
+                       sink_visible: torch.Tensor | None = None) -> SequenceAttention:
     """Build the attention of a forward over ``R`` sink frames, ``K`` context frames and ``F`` clip frames.
 
     Args:
@@ -75,6 +76,9 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
         window_blocks: causal only: a block sees at most this many earlier blocks (None: all of them).
         context_frames: ``K``, the frames before the clip (see the module docstring).
         sink_extra: angles ``[M, head_dim / 2]`` of ``M`` tokens after the sink frames (part of the sink).
+        sink_visible: ``[B, F / frames_per_block]`` bool (needs a sink per block): False hides block ``j``'s sink
+            from it (``engine.sink=evicted`` trained: the reference leaves with the window); the mask becomes
+            ``[B, 1, L, S]``.
     Sink frames see only the sink; every clip frame sees the sink and the context.
     """
     h, w = grid
@@ -94,6 +98,10 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
     blocks = frames // frames_per_block if causal else 1
     mask = _mask(frames, frames_per_block, r, per_block, causal, window_blocks, h * w, str(device), context_frames,
                  extra)
+    if sink_visible is not None:
+        if not per_block:
+            raise ValueError("sink_visible hides each block's own sink: it needs a sink position per block")
+        mask = _hide_sinks(mask, sink_visible.to(device), r * h * w + extra, context_frames + frames, h * w)
 
     if r == 0:
         rope = _table(frame_pos, h, w, head_dim, theta)
@@ -111,6 +119,21 @@ def sequence_attention(frame_pos: torch.Tensor, sink_pos: torch.Tensor | None, g
     rest = torch.arange(r * tokens + extra, (r + context_frames + frames) * tokens + extra, device=device)
     key_index = torch.cat([sink_tokens.repeat(blocks), rest])
     return SequenceAttention(rope_q, rope_k, key_index, mask)
+
+
+def _hide_sinks(mask: torch.Tensor | None, sink_visible: torch.Tensor, sink_tokens: int, frames: int,
+                tokens: int) -> torch.Tensor:
+    """``mask`` (``[L, S]`` or None: all visible) with block ``j``'s sink copy hidden from the clip tokens of the
+    clips where ``sink_visible[:, j]`` is False: ``[B, 1, L, S]``. The sink's own rows keep their columns (a row
+    with nothing to attend to would give NaN, which masked values still carry into later layers)."""
+    b, copies = sink_visible.shape
+    device = sink_visible.device
+    rows, columns = sink_tokens + frames * tokens, copies * sink_tokens + frames * tokens
+    hidden = torch.cat([(~sink_visible).repeat_interleave(sink_tokens, dim=1),
+                        torch.zeros(b, frames * tokens, dtype=torch.bool, device=device)], dim=1)   # [B, S]
+    clip_rows = torch.arange(rows, device=device) >= sink_tokens                                      # [L]
+    base = torch.ones(rows, columns, dtype=torch.bool, device=device) if mask is None else mask
+    return (base[None] & ~(clip_rows[None, :, None] & hidden[:, None, :]))[:, None]
 
 
 @functools.lru_cache(maxsize=32)

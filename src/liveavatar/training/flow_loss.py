@@ -13,6 +13,12 @@ bidirectional with the reference at the model's ``reference_position``.
 Conditioning dropout (for classifier-free guidance): each clip independently loses its text (zeros), its
 audio (zero features) or both.
 
+Evicted sink (``loss.sink_evicted = p``, Diffusion Forcing with a sink): a fraction ``p`` of the clips is trained as
+``engine.sink=evicted`` streams it: the clip starts the stream, its reference sits as the frame before it, and only
+the first ``window_blocks`` blocks see it (while a frame there would still be in the window); later blocks have only
+their history to carry the identity. A model trained so can stream without its sink, which is the long-horizon
+ablation's "without a sink" baseline; a model that never was collapses when the sink leaves.
+
 Motion frames (Diffusion Forcing only, batches with ``motion``): the latent frames just before each clip enter
 as context, each noised independently with ``t ~ U[0, 1000]``; they stand in for the noisy history the engine
 streams from, and have no loss of their own. The teacher refuses them: it is the bidirectional Stage 0 model
@@ -41,11 +47,12 @@ class FlowLossConfig:
     weighting: str = "none"              # none | bell (Self-Forcing's DF weight, peaked at t = 500)
     drop_text: float = 0.1               # probability of zeroing a clip's text embedding
     drop_audio: float = 0.1              # probability of zeroing a clip's audio features
+    sink_evicted: float = 0.0            # Diffusion Forcing: fraction of clips whose sink leaves with the window
 
     def __post_init__(self):
         if self.weighting not in ("none", "bell"):
             raise ValueError(f"loss.weighting must be none or bell, got {self.weighting!r}")
-        for name in ("drop_text", "drop_audio"):
+        for name in ("drop_text", "drop_audio", "sink_evicted"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss.{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -96,6 +103,28 @@ class FlowMatchingLoss:
         if self.positions is not None:
             self.positions.check_context(motion_frames, frames)
 
+    def evicted_placement(self, model: AvatarDiT, frame_pos: torch.Tensor, sink_pos: torch.Tensor, context: int,
+                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Positions and sink visibility with a fraction ``sink_evicted`` of the clips placed as ``engine.sink=evicted``
+        streams them: ``frame_pos [B, F]``, ``reference_pos [B, F / f, 1]``, ``sink_visible [B, F / f]``."""
+        if model.config.reference != "sink":
+            raise ValueError("loss.sink_evicted trains a sink that leaves with the window: it needs a model with "
+                             "model.dit.reference=sink")
+        if context:
+            raise ValueError("loss.sink_evicted places clips at the start of the stream: it does not take motion "
+                             "frames before them (data.motion_frames=0)")
+        b, frames = frame_pos.shape
+        blocks = frames // self.frames_per_block
+        device = frame_pos.device
+        # Drawn on the host (like every other placement decision) and copied: no device-to-host sync.
+        evicted = (torch.rand(b, generator=generator) < self.config.sink_evicted).to(device)
+        start = torch.arange(frames, device=device).expand(b, frames)
+        reference = torch.full_like(sink_pos, self.positions.reference_position)
+        in_window = (torch.arange(blocks, device=device) < self.positions.window_blocks).expand(b, blocks)
+        return dict(frame_pos=torch.where(evicted[:, None], start, frame_pos),
+                    reference_pos=torch.where(evicted[:, None], reference, sink_pos)[..., None],
+                    sink_visible=~evicted[:, None] | in_window)
+
     def drop_conditions(self, text: torch.Tensor, audio: torch.Tensor | None, generator=None):
         """Zero each clip's text ``[B, L, D]`` and audio ``[B, V, ...]`` with the configured probabilities."""
         b = text.shape[0]
@@ -131,6 +160,8 @@ class FlowMatchingLoss:
             frame_pos, sink_pos = self.positions.training_positions(b, frames, generator, device, context=k)
             placement = dict(frame_pos=frame_pos, reference_pos=sink_pos[..., None],
                              window_blocks=self.positions.window_blocks)
+            if self.config.sink_evicted > 0:
+                placement.update(self.evicted_placement(model, frame_pos, sink_pos, k, generator))
         if motion is not None:
             motion = motion.float()
             motion_t = self.motion_levels(b, k, device, generator)
