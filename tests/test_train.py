@@ -237,6 +237,10 @@ def test_bad_choices_and_missing_teacher_are_one_line_errors(tmp_path):
     missing = run_train("experiment=toy_df", *FAST, f"init_from={tmp_path / 'absent'}", f"run.dir={tmp_path / 'r'}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("error:")
+    sharded_ema = run_train("experiment=toy_df", *FAST, "trainer=fsdp", "optim.ema_decay=0.99",
+                            f"run.dir={tmp_path / 'e'}")
+    assert sharded_ema.returncode == 2 and sharded_ema.stderr.strip().startswith("error: optim.ema_decay with "
+                                                                                 "trainer=fsdp")
 
 
 def test_sweep_runs_each_job_in_its_own_folder_and_loggers_write(tmp_path):

@@ -177,12 +177,11 @@ class DMDModule(L.LightningModule):
     def export(self) -> AvatarDiT | None:
         """The generator to save (its EMA when enabled), with plain Wan2.1 parameter names (LoRA merged). Sharded,
         it is gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
-        averages = self.ema.full_averages() if self.ema is not None else None  # collective when sharded
         generator = gathered(self.generator, self._plain_generator)
         if generator is None:
             return None
-        if averages is not None:
-            generator = self.ema.copy_to(copy.deepcopy(generator), averages)
+        if self.ema is not None:
+            generator = self.ema.copy_to(copy.deepcopy(generator))
         return merged_copy(generator) if self.lora.enabled else generator
 
     def _plain_generator(self) -> AvatarDiT:

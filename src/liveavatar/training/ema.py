@@ -55,16 +55,10 @@ class ParameterEMA(nn.Module):
             avg.lerp_(params[name].detach().to(avg.dtype), 1.0 - self.decay)
 
     @torch.no_grad()
-    def full_averages(self) -> list[torch.Tensor]:
-        """The averages as whole tensors. Under FSDP they are sharded like the parameters (DTensors) and this is a
-        collective: every rank must call it."""
-        return [avg.full_tensor() if hasattr(avg, "full_tensor") else avg for avg in self.averages()]
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module, averages: list[torch.Tensor] | None = None) -> nn.Module:
-        """Write the averages (or ``averages``, from :meth:`full_averages`) into ``model``'s parameters of the same
-        names; returns ``model``."""
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        """Write the averages into ``model``'s parameters of the same names; returns ``model``. (Unsharded models
+        only: the training entry points refuse an EMA under FSDP and DeepSpeed.)"""
         params = dict(model.named_parameters())
-        for name, avg in zip(self.names, self.averages() if averages is None else averages):
+        for name, avg in zip(self.names, self.averages()):
             params[name].copy_(avg.to(device=params[name].device, dtype=params[name].dtype))
         return model

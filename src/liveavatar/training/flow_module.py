@@ -101,12 +101,11 @@ class FlowMatchingModule(L.LightningModule):
     def export(self) -> AvatarDiT | None:
         """The trained DiT with plain Wan2.1 parameter names (LoRA merged), for ``save_pretrained``. Sharded, it is
         gathered: every rank must call this, and only global rank 0 gets the model (the others None)."""
-        averages = self.ema.full_averages() if self.ema is not None else None  # collective when sharded
         model = gathered(self.model, self._plain_model)
         if model is None:
             return None
-        if averages is not None:
-            model = self.ema.copy_to(copy.deepcopy(model), averages)
+        if self.ema is not None:
+            model = self.ema.copy_to(copy.deepcopy(model))
         return merged_copy(model) if self.lora.enabled else model
 
     def _plain_model(self) -> AvatarDiT:

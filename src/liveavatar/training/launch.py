@@ -138,6 +138,14 @@ def route_lightning_logs() -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or continue) the training ``cfg`` describes in ``run_dir``; return the figures of ``done.json``."""
 
+    strategy = cfg.trainer.get("strategy", "auto")
+    name = strategy if isinstance(strategy, str) else strategy.get("name")
+    sharded = name == "fsdp" or (name == "deepspeed" and int(strategy.get("stage", 0)) == 3)
+    if sharded and cfg.optim.get("ema_decay") is not None:
+        raise ValueError(f"optim.ema_decay with trainer={'fsdp' if name == 'fsdp' else 'deepspeed_zero3'}: the EMA "
+                         "keeps whole copies of the trained weights and is not implemented for sharded ones; set "
+                         "optim.ema_decay=null")
+
     def setup():
         module = build_module(cfg)
         data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
