@@ -158,7 +158,7 @@ def test_motion_frames_continue_the_stream_backwards(monkeypatch):
         model(inp["x"], inp["t"], inp["context"], causal=True, reference=inp["reference"], motion=inp["motion"],
               motion_t=inp["motion_t"])
     (with_pos, _, args), (default_pos, sink, _) = seen
-    assert with_pos.tolist() == [[4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6]] and args[-2] == 3
+    assert with_pos.tolist() == [[4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6]] and args[-3] == 3   # context frames
     assert default_pos.tolist() == list(range(7)) and sink.tolist() == [-1]  # the stream starts with the motion
 
 

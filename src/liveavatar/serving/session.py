@@ -36,7 +36,7 @@ class SessionOptions:
     max_seconds: float | None = None
     min_side: int = 256
     crf: int = 23
-    recent_blocks: int = 25
+    recent_blocks: int = 20
 
 
 class BlockClock:
