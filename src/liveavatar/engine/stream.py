@@ -263,9 +263,7 @@ class StreamCore:
                 out.append(0)
             elif slot < sink and self.sink.mode != "evicted":
                 out.append(int(policy.sink_positions(frame, start)))
-            elif slot < sink:  # the evicted mode's reference is the frame before the stream, placed like history
-                out.append(int(policy.frame_positions(frame, start)))
-            else:
+            else:  # history, and the evicted mode's reference: the frame before the stream, placed like history
                 out.append(int(policy.frame_positions(frame, start)))
         return tuple(out)
 

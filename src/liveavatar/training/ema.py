@@ -57,7 +57,7 @@ class ParameterEMA(nn.Module):
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> nn.Module:
         """Write the averages into ``model``'s parameters of the same names; returns ``model``. (Unsharded models
-        only: the training entry points refuse an EMA under FSDP and DeepSpeed.)"""
+        only: the training entry points refuse an EMA under FSDP and DeepSpeed ZeRO-3.)"""
         params = dict(model.named_parameters())
         for name, avg in zip(self.names, self.averages()):
             params[name].copy_(avg.to(device=params[name].device, dtype=params[name].dtype))
