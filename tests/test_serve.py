@@ -1,5 +1,6 @@
 """serve.py: the fragmented MP4 stream, the live audio's pacing, the queue, and whole sessions over a real socket
 (a plain WebSocket client, and headless Chromium with a fake microphone) on the tiny model with random weights."""
+import asyncio
 import base64
 import io
 import json
@@ -25,6 +26,7 @@ from liveavatar.pipeline import LiveAvatarPipeline
 from liveavatar.serving.app import create_app
 from liveavatar.serving.fmp4 import FragmentWriter, annexb_to_avcc
 from liveavatar.serving.live_audio import LiveAudio, SessionCancelled
+from liveavatar.serving.outgoing import Fragment, Outgoing
 from liveavatar.serving.protocol import pcm16_to_float
 from liveavatar.serving.server import BackgroundServer, settings_from_config
 from liveavatar.serving.session import BlockClock
@@ -151,6 +153,43 @@ def test_each_block_is_one_playable_fragment_with_its_frames_and_audio():
     # The audio track is the given audio (48 kHz after resampling), aligned with the video's time 0.
     heard = audio[: 3 * len(tone)][::3][200 : len(tone) - 1024]
     assert np.corrcoef(heard, tone[200 : 200 + len(heard)])[0, 1] > 0.95
+
+
+def test_a_slow_client_loses_whole_old_fragments_and_what_it_gets_still_decodes_in_order():
+    """A client that takes one block while three are made, 0.5 s of video allowed to wait: old fragments go (each
+    with those that decode from it), keyframes are asked for while it lags, and what it gets is a stream that
+    decodes to the frames of the blocks it kept, in order, at their times."""
+    writer = FragmentWriter(32, 32, 25, scale=8)
+    asked = []
+    out = Outgoing(0.5, want_keyframe=lambda: asked.append(True))
+    out.put(writer.init)
+    g = torch.Generator().manual_seed(0)
+    blocks = [(torch.rand(3, 3, 4, 4, generator=g) * 2 - 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+              for _ in range(24)]
+    sent = []
+
+    async def slow_client():
+        for i, block in enumerate(blocks):
+            data = writer.write(block, np.zeros(1920, np.float32), keyframe=bool(asked))
+            asked.clear()
+            if i % 3 == 0 and (i == 0 or out.seconds > 0):
+                sent.append(await out.get())  # the one message it takes while three blocks are made
+            out.put(Fragment(data, 3, 0.12, writer.keyframe, {"index": i}))
+            assert out.seconds <= 0.5 + 1e-9
+        while out.seconds:
+            sent.append(await out.get())
+
+    asyncio.run(slow_client())
+    fragments = [m for m in sent if isinstance(m, Fragment)]
+    kept = [f.message["index"] for f in fragments]
+    assert isinstance(sent[0], bytes) and kept == sorted(kept) and 6 <= len(kept) <= 12
+    assert out.dropped_blocks == 24 - len(kept) and out.dropped_frames == 3 * out.dropped_blocks
+    # Each run of consecutive blocks starts with a keyframe: nothing refers to a fragment that was left out.
+    assert all(f.keyframe for f, before in zip(fragments, [None] + kept) if f.message["index"] - 1 != before)
+    frames, times, _ = decode(sent[0] + b"".join(f.data for f in fragments))
+    assert np.allclose(times, [(3 * k + j) / 25 for k in kept for j in range(3)])
+    given = media.to_uint8(torch.cat([blocks[k] for k in kept])).numpy()
+    assert np.abs(cells(frames, 8) - given).mean() < 4  # not concealment of missing references
 
 
 def test_annexb_to_avcc_prefixes_each_nal_unit_with_its_length():

@@ -3,7 +3,8 @@
 
 Threads: the event loop does the sockets; the model runs on one thread of its own (sessions take turns through the
 :class:`~.scheduler.Scheduler`), so a block's compute never stalls another client's queue updates. Messages from the
-model's thread reach a socket through its outgoing queue (``loop.call_soon_threadsafe``).
+model's thread reach a socket through its outgoing queue (``loop.call_soon_threadsafe``), bounded in seconds of
+video (:class:`~.outgoing.Outgoing`): a client too slow to take the stream loses whole old fragments, counted.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..pipeline import LiveAvatarPipeline
+from .outgoing import Fragment, Outgoing
 from .protocol import ProtocolError, gallery, parse_json, pcm16_to_float, start_image
 from .scheduler import QueueFull, Scheduler, Ticket
 from .session import Session, SessionOptions
@@ -32,9 +34,11 @@ _CLOSE_NORMAL, _CLOSE_UNSUPPORTED, _CLOSE_POLICY, _CLOSE_BUSY = 1000, 1003, 1008
 @dataclass
 class AppSettings:
     """``server.*``: ``max_queue`` (sessions that may wait), ``images`` (the folder of reference images offered),
-    ``image`` (the one chosen first), ``max_image_bytes`` (uploads), ``session`` (:class:`SessionOptions`)."""
+    ``image`` (the one chosen first), ``max_image_bytes`` (uploads), ``max_outgoing_s`` (video that may wait for a
+    slow client), ``session`` (:class:`SessionOptions`)."""
 
     max_queue: int = 4
+    max_outgoing_s: float = 1.0
     images: Path = Path("data/example")
     image: str | None = None
     max_image_bytes: int = 8 * 2**20
@@ -103,7 +107,7 @@ class Connection:
     def __init__(self, websocket: WebSocket, state: ServerState):
         self.ws, self.state = websocket, state
         self.loop = asyncio.get_running_loop()
-        self.outgoing: asyncio.Queue = asyncio.Queue()
+        self.outgoing = Outgoing(state.settings.max_outgoing_s, self._want_keyframe)
         self.session: Session | None = None
         self.close_code = _CLOSE_NORMAL
         self.errored = False
@@ -111,10 +115,19 @@ class Connection:
     # ------------------------------------------------------------------------------------------ outgoing
 
     def post(self, message: Any) -> None:
-        """Queue a message (bytes or a dict) for the client; from the event loop."""
+        """Queue a message (bytes, a dict or a :class:`Fragment`) for the client; from the event loop."""
         if isinstance(message, dict) and message.get("type") == "error":
             self.errored = True
-        self.outgoing.put_nowait(message)
+        self.outgoing.put(message)
+
+    def _want_keyframe(self) -> None:
+        if self.session is not None:
+            self.session.request_keyframe()
+
+    def unsent(self) -> dict:
+        """The figures of what this client was too slow to take."""
+        return {"unsent_blocks": self.outgoing.dropped_blocks, "unsent_frames": self.outgoing.dropped_frames,
+                "outgoing_s": self.outgoing.seconds}
 
     def post_threadsafe(self, message: Any) -> None:
         """Queue a message from the model's thread."""
@@ -123,7 +136,10 @@ class Connection:
     async def _send_loop(self) -> None:
         while (message := await self.outgoing.get()) is not None:
             try:
-                if isinstance(message, bytes):
+                if isinstance(message, Fragment):
+                    await self.ws.send_bytes(message.data)
+                    await self.ws.send_json({**message.message, **self.unsent()})
+                elif isinstance(message, bytes):
                     if message:
                         await self.ws.send_bytes(message)
                 else:
@@ -230,6 +246,7 @@ class Connection:
         if not run.done():  # stop, disconnect or garbage: free the model now
             session.cancel()
         reason = await run
-        state.last = dict(session.figures, reason=reason if reason != "cancelled" else reader.result())
+        state.last = dict(session.figures, **self.unsent(),
+                          reason=reason if reason != "cancelled" else reader.result())
         if not self.errored and not (reader.done() and reader.result() == "gone"):
-            self.post({"type": "ended", "reason": state.last["reason"], **session.figures})
+            self.post({"type": "ended", **state.last})

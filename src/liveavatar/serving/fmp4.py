@@ -18,6 +18,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
+from av.video.frame import PictureType
 
 from .. import media
 
@@ -93,6 +94,8 @@ class FragmentWriter:
 
     ``init`` is the init segment (send it first); ``write(frames, audio)`` returns one fragment, the block's
     frames and the audio the encoder has finished so far (AAC lags its input by up to two 21 ms frames).
+    ``keyframe`` says whether the last fragment's first video sample is a keyframe (a decoder can start there:
+    the fragments before it may be left out); ``write(..., keyframe=True)`` makes it one.
     """
 
     def __init__(self, height: int, width: int, fps: float, sample_rate: int = media.SAMPLE_RATE, *, scale: int = 1,
@@ -124,15 +127,18 @@ class FragmentWriter:
         self._audio_time = 0  # decode time of the next audio sample written (48 kHz ticks)
         self.frames = 0       # video frames written
         self.samples = 0      # audio samples given (at sample_rate)
+        self.keyframe = False  # the last fragment starts with a keyframe
 
     @property
     def seconds(self) -> float:
         """Video written so far."""
         return self.frames / float(self.fps)
 
-    def write(self, frames: torch.Tensor, audio: np.ndarray) -> bytes:
+    def write(self, frames: torch.Tensor, audio: np.ndarray, keyframe: bool = False) -> bytes:
         """Encode one block: ``frames`` ``[T, 3, H, W]`` float in [-1, 1] (or uint8), ``audio`` ``[samples]`` float32
-        at ``sample_rate`` (normally the block's own ``T / fps`` seconds). Returns one ``moof`` + ``mdat``."""
+        at ``sample_rate`` (normally the block's own ``T / fps`` seconds). Returns one ``moof`` + ``mdat``.
+        ``keyframe``: the block's first frame becomes an IDR frame (closed GOP: nothing after it refers to what
+        came before), so that a client can go on from this fragment after fragments were dropped."""
         u8 = frames if frames.dtype == torch.uint8 else media.to_uint8(frames)
         if self.scale > 1:
             u8 = u8.repeat_interleave(self.scale, dim=2).repeat_interleave(self.scale, dim=3)
@@ -144,8 +150,11 @@ class FragmentWriter:
         for img in hwc:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts, frame.time_base = self.frames, 1 / self.fps
+            if keyframe and not video:
+                frame.pict_type = PictureType.I  # libx264 makes a forced I frame an IDR (closed GOP)
             video += self._video.encode(frame)
             self.frames += 1
+        self.keyframe = bool(video) and video[0].is_keyframe
         return self._fragment(video, self._encode_audio(np.asarray(audio, dtype=np.float32)))
 
     def close(self) -> bytes:

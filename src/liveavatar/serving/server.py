@@ -30,6 +30,7 @@ def settings_from_config(cfg: DictConfig) -> AppSettings:
     if not images.is_dir():
         raise UserError(f"server.images={s.images}: not a folder (the reference images the page offers)")
     checks = [("max_queue", s.max_queue >= 0), ("max_lag_s", s.max_lag_s > 0), ("grace_s", s.grace_s >= 0),
+              ("max_outgoing_s", s.max_outgoing_s > 0),
               ("max_image_mb", s.max_image_mb > 0), ("min_side", s.min_side >= 1),
               ("max_session_s", s.max_session_s is None or s.max_session_s > 0)]
     for key, ok in checks:
@@ -39,7 +40,8 @@ def settings_from_config(cfg: DictConfig) -> AppSettings:
                              max_seconds=None if s.max_session_s is None else float(s.max_session_s),
                              min_side=int(s.min_side), crf=int(s.crf))
     return AppSettings(max_queue=int(s.max_queue), images=images, image=s.image,
-                       max_image_bytes=int(float(s.max_image_mb) * 2**20), session=session)
+                       max_image_bytes=int(float(s.max_image_mb) * 2**20), max_outgoing_s=float(s.max_outgoing_s),
+                       session=session)
 
 
 def check_servable(cfg: DictConfig) -> None:

@@ -1,10 +1,14 @@
 """One client's live stream: its audio in (:class:`~.live_audio.LiveAudio`), the pipeline's blocks out as MP4
 fragments (:class:`~.fmp4.FragmentWriter`) and figures, run on the model's thread.
 
-Messages to the client go through ``emit``: ``bytes`` (the init segment, then one fragment per block) and dicts
-(JSON): ``{"type": "block", ...}`` after each block's fragment (its place in the video, the client sample its first
-frame's audio ends at, the figures), and at the end ``{"type": "ended", "reason": ...}`` or
+Messages to the client go through ``emit``: ``bytes`` (the init segment), one :class:`~.outgoing.Fragment` per
+block (its MP4 fragment and its JSON ``{"type": "block", ...}``: its place in the video, the client sample its first
+frame's audio ends at, the figures), and dicts (JSON): at the end ``{"type": "ended", "reason": ...}`` or
 ``{"type": "error", "message": ...}``.
+
+The pipeline is one process (:class:`~liveavatar.pipeline.LiveAvatarPipeline`, which asks for each block's audio
+when it needs it) or a TPP group (:class:`~.tpp_group.TPPGroup`, whose feeder takes the audio as it comes and which
+reports each block's cost: the slowest stage's compute, the pipeline's throughput limit).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from ..models.audio_stream import StreamingAudioFeatures
 from ..pipeline import LiveAvatarPipeline
 from .fmp4 import MIME, FragmentWriter, upscale_factor
 from .live_audio import AudioBlock, LiveAudio, SessionCancelled
+from .outgoing import Fragment
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Session:
     """One client's stream through ``pipe``.
 
     Args:
-        pipe: the loaded pipeline (``sequential`` or ``stream_batch``).
+        pipe: the loaded pipeline (``sequential`` or ``stream_batch``) or a :class:`~.tpp_group.TPPGroup`.
         image: the reference ``[3, H, W]`` float in [-1, 1] (any size: the pipeline resizes it).
         options: :class:`SessionOptions`.
         emit: called (on the model's thread) with each message for the client: ``bytes`` or a dict.
@@ -90,11 +95,17 @@ class Session:
         self.stream_ref: weakref.ref | None = None  # the pipeline's stream (KV cache and all) while it lives
         self._fed: deque[AudioBlock] = deque()       # blocks of audio fed and not yet out as video
         self._waited = 0.0                           # seconds the model's thread spent waiting for audio
+        self._keyframe = False                       # the next block starts with a keyframe (fragments were dropped)
         self.figures: dict[str, Any] = {}
 
     def cancel(self) -> None:
         """Stop as soon as the engine next asks for audio (at the latest one block's compute from now)."""
         self.audio.cancel()
+
+    def request_keyframe(self) -> None:
+        """Start the next block's fragment with a keyframe (the client's connection dropped fragments); any
+        thread."""
+        self._keyframe = True
 
     def started_message(self) -> dict:
         """What the page needs to play the stream: the MIME type for MediaSource, the video's rate and size, and
@@ -151,21 +162,27 @@ class Session:
                     return "limit"
                 fed = self._fed.popleft()
                 media_start = writer.seconds
-                data = writer.write(frames, fed.samples)
-                block_busy = time.perf_counter() - t0 - (self._waited - waited0)  # model + decode + encode
+                keyframe, self._keyframe = self._keyframe, False
+                t_write = time.perf_counter()
+                data = writer.write(frames, fed.samples, keyframe=keyframe)
+                done = time.perf_counter()
+                cost = getattr(stream, "block_cost_s", None)  # a TPP group's slowest stage on this block
+                if cost is None:
+                    block_busy = done - t0 - (self._waited - waited0)  # model + decode + encode
+                else:  # the pipeline's stages and this encoder run at once: the slowest one sets the pace
+                    block_busy = max(cost, done - t_write)
                 block_s = frames.shape[0] / fps
                 busy, video_s = busy + block_busy, video_s + block_s
                 recent.append((block_busy, block_s))
                 if index == 0:
                     self.figures["first_frame_s"] = time.perf_counter() - start
                 self.figures.update(self._figures(busy, video_s, recent))
-                self.emit(data)
-                self.emit({"type": "block", "index": index, "frames": int(frames.shape[0]),
-                           "media_start": media_start,
-                           # the client sample at which the audio of this block's first frame ends (None: silence)
-                           "audio_sample": None if fed.client_start is None
-                           else fed.client_start + self.clock.first_frame_samples(index),
-                           **self.figures})
+                self.emit(Fragment(data, int(frames.shape[0]), block_s, writer.keyframe, {
+                    "type": "block", "index": index, "frames": int(frames.shape[0]), "media_start": media_start,
+                    # the client sample at which the audio of this block's first frame ends (None: silence)
+                    "audio_sample": None if fed.client_start is None
+                    else fed.client_start + self.clock.first_frame_samples(index),
+                    **self.figures}))
         except SessionCancelled:
             return "cancelled"
         except UserError as err:
@@ -177,6 +194,9 @@ class Session:
             return "error"
         finally:
             writer.close()
+            close = getattr(stream, "close", None)  # a TPP group's ranks are freed (and told so) here
+            if close is not None:
+                close()
 
     def _figures(self, busy: float, video_s: float, recent: deque) -> dict:
         fps = self.pipe.fps

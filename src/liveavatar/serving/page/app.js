@@ -163,12 +163,19 @@ function startPlayback() {
   video.play().catch(() => { video.muted = true; return video.play(); }).catch(() => {});
 }
 
-// Keep the playhead near the newest frame: a live stream must not drift behind.
+// Keep the playhead near the newest frame: a live stream must not drift behind. Fragments the server dropped for a
+// slow connection leave a gap in the timeline: at the end of a buffered range with a later one, jump to it.
 function keepLive() {
-  const b = video.buffered;
+  const b = video.buffered, t = video.currentTime;
   if (b.length) {
     const end = b.end(b.length - 1);
-    if (end - video.currentTime > MAX_LAG_S) video.currentTime = end - LEAD_S;
+    if (end - t > MAX_LAG_S) video.currentTime = end - LEAD_S;
+    else {
+      for (let i = 0; i < b.length; i++) {
+        const before = i === 0 ? -Infinity : b.end(i - 1);
+        if (b.start(i) > t && t >= before - 1.5 / fps) { video.currentTime = b.start(i); break; }
+      }
+    }
   }
   const q = video.getVideoPlaybackQuality ? video.getVideoPlaybackQuality() : null;
   live.playerDropped = q ? q.droppedVideoFrames : null;
@@ -294,6 +301,7 @@ function showFigures() {
   const last = live.g2g.length ? live.g2g[live.g2g.length - 1] : null;
   $("f-g2g").textContent = last === null ? "-" : `${ms(last)} (median ${ms(median(live.g2g))})`;
   $("f-dropped").textContent = s.dropped_frames === undefined ? "-" : `${s.dropped_frames} / ${live.playerDropped ?? "-"}`;
+  $("f-unsent").textContent = s.unsent_frames === undefined ? "-" : String(s.unsent_frames);
   $("f-silent").textContent = s.silent_blocks === undefined ? "-" : String(s.silent_blocks);
   $("f-backlog").textContent = s.backlog_s === undefined ? "-" : ms(s.backlog_s);
   $("f-waiting").textContent = s.waiting === undefined ? "-" : String(s.waiting);
@@ -303,5 +311,6 @@ function showFigures() {
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", () => stop(true));
 $("mute").addEventListener("change", () => { video.muted = $("mute").checked; });
+video.addEventListener("waiting", keepLive);  // stalled, perhaps at a gap: jump it at once
 if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) video.requestVideoFrameCallback(onFrame);
 loadGallery();
