@@ -75,13 +75,14 @@ def test_energy_mel_features_follow_loudness():
     feats = enc(wav)
     assert feats.shape == (1, 50, 1, n_mels + 1) and (enc.num_layers, enc.feature_dim) == (1, n_mels + 1)
     energy = feats[0, :, 0, -1]
-    # Frames centred in the silence are at the floor, frames inside the tone far above it, and the
-    # transition frame (its window half silent) in between.
-    assert energy[:24].max() < energy[27:].min() - 5
+    # In units of 20 dB: frames centred in the silence sit at the floor (10 log10(1e-6) / 20 = -3), frames inside
+    # the tone at its mean power (0.5^2 / 2: 10 log10(0.125) / 20 = -0.45), the transition frame (its window half
+    # silent) in between.
+    torch.testing.assert_close(energy[:24], torch.full((24,), -3.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(energy[27:-1], torch.full((22,), 10 * np.log10(0.125) / 20), atol=0.01, rtol=0)
     assert energy[:24].max() < energy[25] < energy[27:].min()
-    assert torch.all(energy[27:-1] > energy[:24].max())
-    # The mel band holding 440 Hz rises too.
-    assert feats[0, 30:45, 0, :n_mels].max(-1).values.min() > feats[0, 5:20, 0, :n_mels].max(-1).values.max() + 5
+    # The mel band holding 440 Hz rises too (by more than 20 dB).
+    assert feats[0, 30:45, 0, :n_mels].max(-1).values.min() > feats[0, 5:20, 0, :n_mels].max(-1).values.max() + 1
     assert enc(wav, frames=10).shape == (1, 10, 1, n_mels + 1)
 
 
@@ -135,6 +136,21 @@ def test_audio_projection_shapes_and_errors():
     for bad in (torch.randn(2, 9, LAYERS + 1, HIDDEN + 1), torch.randn(2, 9, LAYERS, HIDDEN), torch.randn(2, 9, HIDDEN)):
         with pytest.raises(ValueError, match="do not fit"):
             proj(bad)
+
+
+def test_audio_projection_without_layer_norm_keeps_the_level():
+    """A LayerNorm over the features removes what all of them share (for log energies: the loudness);
+    ``audio_feature_norm="none"`` keeps it."""
+    feats = torch.randn(1, 9, LAYERS + 1, HIDDEN)
+    louder = feats + 1.0  # every log energy up by 20 dB
+    normed, plain = AudioProjection(audio_config()), AudioProjection(audio_config(audio_feature_norm="none"))
+    for proj in (normed, plain):
+        torch.nn.init.normal_(proj.layer_weights)
+    torch.testing.assert_close(normed(louder), normed(feats), atol=1e-4, rtol=0)
+    assert (plain(louder) - plain(feats)).abs().mean() > 0.05
+    assert not any("norm" in name for name, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match="audio_feature_norm"):
+        audio_config(audio_feature_norm="batch")
 
 
 def test_audio_projection_tokens_are_per_video_frame():

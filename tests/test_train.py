@@ -17,8 +17,8 @@ from liveavatar.training.datamodule import ToyDataset, collate
 from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
 from liveavatar.training.launch import read_losses, train
 from liveavatar.training.lora import LoraSettings, apply_lora, merged_copy
-from liveavatar.training.run_folder import RunFolder, RunFolderError
-from liveavatar.training.strategy import build_strategy
+from liveavatar.training.run_folder import RunFolder, RunFolderError, flatten_config
+from liveavatar.training.strategy import build_strategy, sharded_strategy, strategy_name
 
 from conftest import randomise, tiny_config
 
@@ -243,6 +243,29 @@ def test_bad_choices_and_missing_teacher_are_one_line_errors(tmp_path):
                                                                                  "trainer=fsdp")
 
 
+def test_ema_is_refused_in_one_line_under_the_strategies_that_shard_parameters(tmp_path):
+    # train.py and distill.py read the strategy through the same helpers.
+    expected = {"cpu": ("auto", None), "gpu": ("ddp", None), "fsdp": ("fsdp", "fsdp"),
+                "deepspeed_zero2": ("deepspeed", None), "deepspeed_zero3": ("deepspeed", "deepspeed_zero3")}
+    for preset, (name, sharded) in expected.items():
+        trainer = compose_train("experiment=toy_df", f"trainer={preset}").trainer
+        assert (strategy_name(trainer), sharded_strategy(trainer)) == (name, sharded), preset
+    assert strategy_name({}) == "auto" and sharded_strategy({}) is None
+    for preset in ("fsdp", "deepspeed_zero3"):
+        cfg = compose_train("experiment=toy_df", f"trainer={preset}", "optim.ema_decay=0.99")
+        with pytest.raises(ValueError) as refused:
+            train(cfg, tmp_path / preset)
+        message = str(refused.value)
+        assert message.startswith(f"optim.ema_decay with trainer={preset}: ") and "\n" not in message
+        assert message.endswith("set optim.ema_decay=null") and not (tmp_path / preset).exists()
+    from liveavatar.training.distill_launch import check_trainer
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        distill = [compose("distill", overrides=["trainer=fsdp", f"distill.ema_decay={d}"]) for d in ("0.99", "null")]
+    with pytest.raises(ValueError, match=r"^distill\.ema_decay with trainer=fsdp: .*set distill\.ema_decay=null$"):
+        check_trainer(distill[0])
+    check_trainer(distill[1])
+
 def test_sweep_runs_each_job_in_its_own_folder_and_loggers_write(tmp_path):
     result = run_train("-m", "experiment=toy_teacher", *FAST, "trainer.max_steps=2", "model.rope.policy=absolute,rolling",
                        "logger=tensorboard", f"run.dir={tmp_path / 'sweep'}")
@@ -280,6 +303,12 @@ def test_run_folder_allows_a_longer_run_but_not_a_different_one(tmp_path):
     with pytest.raises(RunFolderError, match="loss.shift"):
         folder.prepare(compose_train("experiment=toy_teacher", "loss.shift=3"))
 
+
+def test_flatten_config_gives_dotted_keys_and_keeps_empty_mappings_and_lists_whole():
+    nested = {"optim": {"lr": 1e-4, "betas": [0.9, 0.99]}, "lora": {}, "model": {"dit": {"dim": 48}}, "seed": 0}
+    assert flatten_config(nested) == {"optim.lr": 1e-4, "optim.betas": [0.9, 0.99], "lora": {}, "model.dit.dim": 48,
+                                      "seed": 0}
+    assert flatten_config({"dit": {"dim": 48}}, prefix="model.") == {"model.dit.dim": 48}
 
 # ------------------------------------------------------------------------------------------------- LoRA
 def test_lora_trains_adapters_and_additions_only_and_merges_exactly():
@@ -357,5 +386,34 @@ def test_the_denoise_probe_reads_a_run_folder_and_reports_each_noise_level(tmp_p
     assert [r["t"] for r in levels] == [500, 20]
     # Returning the noisy input is off by sigma * |noise - x0|: 25x smaller at t = 20 than at t = 500.
     assert levels[0]["noisy_input_error"] / levels[1]["noisy_input_error"] == pytest.approx(25, rel=0.15)
+    # At t = 20 the estimate is the clip itself but for 2 % noise: its mouth still follows the audio (the
+    # renderer's own clips read 0.98 over these frames); at t = 500 an untrained model's does not.
+    assert levels[1]["x0_lip_sync"] > 0.9 and levels[0]["x0_lip_sync"] < levels[1]["x0_lip_sync"]
     bad = subprocess.run([*probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.splitlines()) == 1
+
+
+def test_the_audio_route_learns_at_its_own_rate():
+    """``optim.audio_lr_scale``: Adam's first step moves each weight by about its group's learning rate (the update
+    is lr * g / |g|), so the audio route's largest change is the scale times the rest's."""
+    from liveavatar.training.launch import build_module
+
+    cfg = compose_train("experiment=toy_df", "init_from=null", "data.latent_frames=3", "optim.lr=1e-3",
+                        "optim.warmup_steps=0", "optim.audio_lr_scale=10")
+    module = build_module(cfg)
+    module.configure_model()
+    randomise(module.model, std=0.05)   # a fresh model's zero head would give every other weight a zero gradient
+    optimizer = torch.optim.AdamW(module.param_groups(), lr=1e-3)   # as configure_optimizers builds it
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-2]
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    audio = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert audio and all(n.startswith(("audio_proj.", "audio_modulation.")) or ".audio_attn." in n for n in audio)
+    assert len(audio) + len(optimizer.param_groups[0]["params"]) == len(names)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    batch = collate([ToyDataset(2, 3, module.dit_config)[i] for i in range(2)])
+    loss, _ = module.loss_fn(module.model, batch)
+    loss.backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in module.model.named_parameters()}
+    assert max(moved[n] for n in audio) == pytest.approx(1e-2, rel=0.05)
+    assert max(v for n, v in moved.items() if n not in audio) == pytest.approx(1e-3, rel=0.05)

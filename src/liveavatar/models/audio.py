@@ -111,24 +111,29 @@ def _as_waveform(waveform: np.ndarray | torch.Tensor, device: torch.device) -> t
     return waveform.to(device, torch.float32).flatten()
 
 
+# 10 log10(p) = DECIBELS_PER_NEPER * ln(p): decibels from a natural log of power.
+DECIBELS_PER_NEPER = 10.0 / math.log(10.0)
+
+
 class AudioProjection(nn.Module):
     """Features ``[B, V, layers, feat]`` -> audio tokens ``[B, F, per_latent, audio_dim]`` (``audio_proj.*``).
 
-    A learned softmax mix of the encoder's layers, a LayerNorm, and a two-layer MLP; each latent frame gets
-    one token per video frame it covers.
+    A learned softmax mix of the encoder's layers, a LayerNorm (``audio_feature_norm="layer"``; none with
+    ``"none"``), and a two-layer MLP; each latent frame gets one token per video frame it covers.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.per_latent = cfg.video_frames_per_latent
         self.layer_weights = nn.Parameter(torch.zeros(cfg.audio_layers_in))
-        self.norm = nn.LayerNorm(cfg.audio_feature_dim)
+        self.feature_dim = cfg.audio_feature_dim
+        self.norm = nn.LayerNorm(cfg.audio_feature_dim) if cfg.audio_feature_norm == "layer" else nn.Identity()
         self.proj = nn.Sequential(
             nn.Linear(cfg.audio_feature_dim, cfg.audio_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.audio_dim, cfg.audio_dim)
         )
 
     def _check(self, features: torch.Tensor, dims: int, layout: str) -> None:
-        layers, width = self.layer_weights.numel(), self.norm.normalized_shape[0]
+        layers, width = self.layer_weights.numel(), self.feature_dim
         if features.dim() != dims or tuple(features.shape[-2:]) != (layers, width):
             raise ValueError(f"audio features of shape {tuple(features.shape)} do not fit the model "
                              f"(expected [{layout}, {layers}, {width}])")
@@ -144,7 +149,7 @@ class AudioProjection(nn.Module):
         self._check(grouped, 5, "B, F, per_latent")
         weights = self.layer_weights.softmax(0).to(grouped.dtype)
         mixed = (grouped * weights[:, None]).sum(-2)
-        return self.proj(self.norm(mixed.to(self.norm.weight.dtype)))
+        return self.proj(self.norm(mixed.to(self.proj[0].weight.dtype)))
 
 
 class Wav2Vec2Features:
@@ -178,7 +183,9 @@ class Wav2Vec2Features:
 
 class EnergyMelFeatures:
     """A cheap, weight-free extractor for the toy world: log-mel energies plus log RMS energy of the audio
-    window of each video frame. Output ``[1, V, 1, n_mels + 1]``."""
+    window of each video frame, in units of 20 dB (so about -3 for silence, 0-1 for loud speech: a scale an MLP
+    takes as it is; the level is the loudness, which ``model.dit.audio_feature_norm=none`` keeps).
+    Output ``[1, V, 1, n_mels + 1]``."""
 
     def __init__(self, n_mels: int = 31, sample_rate: int = SAMPLE_RATE, fps: float = VIDEO_FPS,
                  device: str | torch.device = "cpu"):
@@ -208,4 +215,4 @@ class EnergyMelFeatures:
         spec = torch.fft.rfft(windows * self.window, n=self.n_fft).abs().pow(2)
         logmel = torch.log(spec @ self.mel + 1e-6)
         energy = torch.log(windows.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return torch.cat([logmel, energy], dim=-1)[None, :, None, :]
+        return (torch.cat([logmel, energy], dim=-1) * DECIBELS_PER_NEPER / 20.0)[None, :, None, :]

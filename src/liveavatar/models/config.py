@@ -52,6 +52,10 @@ class DiTConfig:
     audio_feature_dim: int = 768
     audio_layers_in: int = 1
     audio_blocks: list[int] = field(default_factory=list)
+    # How audio_proj normalises each frame's features before its MLP: "layer" (a LayerNorm over the feature axis,
+    # for learned encoder states such as wav2vec2's) or "none" (features already on a fixed scale whose level is
+    # the information: a LayerNorm removes the common offset of log energies, i.e. the loudness).
+    audio_feature_norm: str = "layer"
     # Also add each latent frame's audio (mean of its tokens, through a zero-initialised linear map) to that
     # frame's time embedding, so audio modulates every block's norms and gates per frame (adaptive norm).
     audio_modulation: bool = False
@@ -103,6 +107,8 @@ class DiTConfig:
         bad = [b for b in self.audio_blocks if not 0 <= b < self.num_layers]
         if bad:
             raise ValueError(f"model.audio_blocks {bad} are outside 0..{self.num_layers - 1}")
+        if self.audio_feature_norm not in ("layer", "none"):
+            raise ValueError(f"model.audio_feature_norm must be 'layer' or 'none', got {self.audio_feature_norm!r}")
         if self.audio_dim and not self.audio_blocks:
             raise ValueError("model.audio_dim > 0 needs at least one entry in model.audio_blocks")
         if self.listening and (self.family != "wan" or not self.audio_dim):

@@ -239,6 +239,14 @@ class AvatarDiT(nn.Module):
                 self.init_addition(name, module)
 
     @staticmethod
+    def is_audio_parameter(name: str) -> bool:
+        """Whether parameter ``name`` (as ``named_parameters`` gives it, LoRA or wrapper prefixes allowed) belongs to
+        the audio route: the feature projections, the per-frame audio modulation and the blocks' audio attention."""
+        parts = name.split(".")
+        return any(p in ("audio_proj", "interact_audio_proj", "audio_modulation", "audio_attn", "interact_audio_attn")
+                   for p in parts)
+
+    @staticmethod
     @torch.no_grad()
     def init_addition(name: str, module: nn.Module) -> None:
         """Initialise one module this project adds to Wan2.1 so that its contribution starts at zero: the
