@@ -14,12 +14,14 @@ from liveavatar.cli import check_group_choices, fail
 @hydra.main(config_path="conf", config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from liveavatar.components import UserError
-    from liveavatar.serving.server import run
+    from liveavatar.serving.server import GroupStopped, run
 
     try:
         run(cfg)
     except UserError as err:
         fail(str(err))
+    except GroupStopped as err:
+        fail(f"tpp stopped: {err}", 3)
     except KeyboardInterrupt:
         sys.exit(130)
 

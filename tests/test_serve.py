@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from liveavatar import media
+from liveavatar.components import UserError
 from liveavatar.pipeline import LiveAvatarPipeline
 from liveavatar.serving.app import create_app
 from liveavatar.serving.fmp4 import FragmentWriter, annexb_to_avcc
@@ -270,6 +271,87 @@ def test_the_served_video_is_the_pipelines_stream_of_the_clients_audio(pipes, en
     assert np.corrcoef(heard, wav[1600 : 1600 + len(heard)])[0, 1] > 0.9
 
 
+@pytest.fixture(scope="module")
+def tpp_group(tiny_checkpoint):
+    """engine=tpp behind the server: 2 DiT ranks + the decoding rank (gloo, one thread each), started once."""
+    from liveavatar.serving.tpp_group import TPPGroup
+
+    group = TPPGroup.launch(serve_config(f"checkpoint={tiny_checkpoint}", "engine=tpp"))
+    yield group
+    group.close()
+    assert all(p.poll() is not None for p in group._procs)  # no rank outlives the server
+
+
+@contextmanager
+def serving_tpp(group, *overrides):
+    app = create_app(group, settings_from_config(serve_config(*overrides)))
+    with BackgroundServer(app) as url:
+        yield url.replace("http://", "ws://") + "ws", url
+
+
+def served_frames(ws_url, pcm, blocks=10):
+    """One session: all of ``pcm`` at once, ``blocks`` blocks back, then stop. Returns (frames, block messages)."""
+    with connect(ws_url) as ws:
+        start(ws)
+        assert receive(ws)["type"] == "started"
+        ws.send(pcm)
+        messages = receive_until(ws, lambda m: of_type("block")(m) and m["index"] == blocks - 1, timeout=30)
+        ws.send(json.dumps({"type": "stop"}))
+        messages += closed_after(ws)
+    assert messages[-1]["type"] == "ended" and messages[-1]["reason"] == "stop"
+    frames, _, _ = decode(b"".join(m for m in messages if isinstance(m, bytes)))
+    return frames, [m for m in messages if of_type("block")(m)]
+
+
+def test_tpp_serves_the_sequential_engines_frames_and_each_session_starts_afresh(pipes, tpp_group):
+    """The same audio through the TPP ranks: the frames the sequential engine serves (up to H.264, and far from
+    another seed's), twice: the second session starts from a fresh cache on every rank, so it is the first again."""
+    pipe, pcm = pipes("sequential"), speech_pcm(1.2)
+    with serving_tpp(tpp_group, "server.max_lag_s=30", "server.crf=4") as (ws_url, http_url):
+        first, blocks = served_frames(ws_url, pcm)
+        second, _ = served_frames(ws_url, pcm)
+        assert status(http_url)["tpp"] == {"ranks": 3, "ranks_in_session": 0, "failed": None}
+    assert [b["index"] for b in blocks[:10]] == list(range(10)) and blocks[-1]["dropped_blocks"] == 0
+    assert 0 < blocks[-1]["rtf"] and blocks[0]["first_frame_s"] > 0
+    np.testing.assert_array_equal(first[:30], second[:30])
+    clock, wav = BlockClock(pipe), pcm16_to_float(pcm)
+    bounds = np.cumsum([0] + [clock.samples(b) for b in range(10)])
+    chunks = [wav[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    image = media.read_image(REFERENCE, size=pipe.components.resolution)
+    offline = torch.cat([f for _, f in pipe.stream(image, iter(chunks))])
+    other_seed = torch.cat([f for _, f in pipe.stream(image, iter(chunks), seed=1)])
+    served = cells(first[: len(offline)], 8)
+    error = np.abs(served - media.to_uint8(offline).numpy()).mean()
+    control = np.abs(served - media.to_uint8(other_seed).numpy()).mean()
+    assert len(first) >= 30 and error < 3 and control > 10 * error, (error, control)
+
+
+def test_tpp_a_client_that_disconnects_mid_stream_frees_the_ranks_for_the_next(tpp_group):
+    with serving_tpp(tpp_group, "server.max_lag_s=30") as (ws_url, http_url), connect(ws_url) as a, \
+            connect(ws_url) as b:
+        start(a)
+        assert receive(a)["type"] == "started"
+        a.send(speech_pcm(4.0))  # 33 blocks of work queued for the ranks
+        receive_until(a, of_type("block"))
+        start(b)
+        assert receive(b)["type"] == "queued"
+        assert status(http_url)["tpp"]["ranks_in_session"] == 3
+        a.socket.shutdown(socket.SHUT_RDWR)  # gone without a goodbye
+        t0 = time.monotonic()
+        assert receive(b, timeout=5)["type"] == "started"
+        freed = time.monotonic() - t0
+        b.send(speech_pcm(0.5))
+        first = receive_until(b, of_type("block"))[-1]
+        assert first["index"] == 0 and first["audio_sample"] is not None
+        assert freed < 2, freed  # the rest of a's queued blocks passed the ranks without compute
+        b.close()
+        deadline = time.monotonic() + 5
+        while status(http_url)["active"] or status(http_url)["tpp"]["ranks_in_session"]:
+            assert time.monotonic() < deadline, status(http_url)
+            time.sleep(0.05)
+        assert status(http_url)["live_streams"] == 0
+
+
 def test_audio_far_ahead_of_the_engine_is_dropped_in_whole_blocks_and_counted(pipes):
     with serving(pipes, "server.max_lag_s=0.24") as (ws_url, _, _), connect(ws_url) as ws:
         start(ws)
@@ -281,6 +363,42 @@ def test_audio_far_ahead_of_the_engine_is_dropped_in_whole_blocks_and_counted(pi
     # The block made is the newest audio but the allowed lag, not the oldest: the delay stays bounded.
     assert first["audio_sample"] == first["dropped_blocks"] * block + 640
     assert first["backlog_s"] <= 0.24 + 1e-9
+
+
+def test_a_client_too_slow_for_the_video_gets_whole_fragments_that_still_play_in_order(pipes):
+    """A client that reads nothing (a small receive buffer, its library's queue of 2 messages) while the server
+    makes a 1.2 s session: old fragments are dropped, counted for the page, and what arrives is init + runs of whole
+    blocks that decode to the pipeline's frames of those blocks, in order."""
+    pipe, pcm = pipes("sequential"), speech_pcm(1.2)
+    with serving(pipes, "server.max_lag_s=30", "server.crf=4", "server.max_outgoing_s=0.25",
+                 "server.min_side=512", "server.max_session_s=1.2") as (ws_url, http_url, _):
+        host, port = ws_url.split("//")[1].split("/")[0].split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        with connect(ws_url, sock=sock, max_queue=2) as ws:
+            start(ws)
+            assert receive(ws)["type"] == "started"
+            ws.send(pcm)
+            deadline = time.monotonic() + 30
+            while status(http_url)["served"] < 1 or status(http_url)["active"]:  # the whole session made, unread
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            messages = closed_after(ws)
+    ended = messages[-1]
+    assert ended["type"] == "ended" and ended["reason"] == "limit"
+    blocks = [m for m in messages if of_type("block")(m)]
+    kept = [b["index"] for b in blocks]
+    assert kept == sorted(kept) and 0 < len(kept) < 10 and ended["unsent_blocks"] == 10 - len(kept)
+    assert ended["unsent_frames"] == 3 * ended["unsent_blocks"]
+    frames, times, _ = decode(b"".join(m for m in messages if isinstance(m, bytes)))
+    assert np.allclose(times, [b["media_start"] + j / 25 for b in blocks for j in range(b["frames"])])
+    clock, wav = BlockClock(pipe), pcm16_to_float(pcm)
+    bounds = np.cumsum([0] + [clock.samples(b) for b in range(10)])
+    image = media.read_image(REFERENCE, size=pipe.components.resolution)
+    offline = [f for _, f in pipe.stream(image, iter(wav[a:b] for a, b in zip(bounds[:-1], bounds[1:])))]
+    given = media.to_uint8(torch.cat([offline[k] for k in kept])).numpy()
+    assert np.abs(cells(frames[: len(given)], 16) - given).mean() < 3  # no frame refers to one left out
 
 
 def test_an_uploaded_image_is_served_until_the_session_limit(pipes):
@@ -370,9 +488,9 @@ def test_garbage_on_the_socket_gets_one_error_and_the_server_keeps_serving(pipes
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-def run_serve(*args, timeout=60):
+def run_serve(*args, timeout=60, env=None):
     return subprocess.run([sys.executable, str(ROOT / "serve.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.slow
@@ -381,13 +499,47 @@ def test_cli_refusals_are_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        for args, words in [(["engine=tpp"], "engine=tpp"), ([f"server.port={port}"], f"server.port={port}"),
+        for args, words in [(["engine=tpp", "engine.history=clean"], "engine.history"),
+                            ([f"server.port={port}"], f"server.port={port}"),
                             ([f"server.images={tmp_path}/none"], "server.images"),
                             (["model.dit.listening=true"], "model.dit.listening")]:
             result = run_serve(*args, f"hydra.run.dir={tmp_path}/hydra")
             assert result.returncode == 2, result
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_cli_tpp_settings_the_ranks_refuse_are_one_line_and_leave_no_rank_behind(tmp_path, tiny_checkpoint):
+    """Refused by the ranks once loaded (the sink switches before the pipeline is full): one line from the server,
+    status 2, every rank gone."""
+    mark = f"LIVEAVATAR_TEST_MARK={tmp_path.name}"  # inherited by the ranks: found by it if any is left
+    result = run_serve("engine=tpp", "denoise.steps=[1000,500]", "engine.sink_switch_block=1",
+                       f"checkpoint={tiny_checkpoint}", f"hydra.run.dir={tmp_path}/hydra", timeout=120,
+                       env={mark.split("=")[0]: tmp_path.name})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: engine=tpp cannot switch the sink before block 2"), lines
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:
+            pass
+    assert not left, left
+
+
+def test_tpp_needs_a_gpu_per_rank():
+    from liveavatar.engine.tpp import Layout
+    from liveavatar.serving.tpp_group import check_devices
+
+    check_devices(Layout(4), "cuda", 5)
+    check_devices(Layout(4), "cpu", 0)
+    with pytest.raises(UserError, match=r"4 steps runs 5 ranks \(4 DiT ranks \+ 1 decoding rank\), one GPU each; 2 "):
+        check_devices(Layout(4), "cuda", 2)
+    with pytest.raises(UserError, match="runs 4 ranks"):
+        check_devices(Layout(4, decode_on_last=True), "cuda", 3)
 
 
 @pytest.mark.slow

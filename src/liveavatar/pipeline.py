@@ -479,31 +479,40 @@ class LiveAvatarPipeline:
 
     def _live_blocks(self, chunks: Iterable, max_seconds: float | None):
         """Causal features of a live source -> (block features iterator, video frames once known)."""
-        extractor = self.audio_encoder if self.dit.has_audio else _Silence()
-        stream = StreamingAudioFeatures(extractor, self.fps, self.dit.frames_per_block,
-                                        self.dit.video_frames_per_latent, self.audio_options.lookback_s, SAMPLE_RATE,
-                                        first_frame_alone=self.dit.family != "s2v")
-        limit = None if max_seconds is None else int(float(max_seconds) * SAMPLE_RATE)
-        ended: dict[str, int] = {}
+        return live_feature_blocks(self.audio_encoder, chunks, self.fps, self.dit, self.audio_options, max_seconds)
 
-        def take() -> Iterator[np.ndarray]:
-            taken = 0
-            for chunk in chunks:
-                samples = _as_samples(chunk, "audio chunk")
-                if limit is not None:
-                    samples = samples[: limit - taken]
-                taken += len(samples)
-                yield samples
-                if limit is not None and taken >= limit:
-                    return
 
-        def on_end(frames: int) -> None:
-            if frames < 1:
-                raise UserError("audio: the live source ended before one video frame")
-            ended["frames"] = frames
+def live_feature_blocks(extractor, chunks: Iterable, fps: float, dit: DiTConfig, options: AudioFeatureOptions,
+                        max_seconds: float | None = None) -> tuple[Iterator[torch.Tensor | None], Callable[[], int | None]]:
+    """Per-block features of a live source (an iterable of mono 16 kHz chunks, consumed as blocks are asked for),
+    computed causally (``options.lookback_s`` of past audio with each block), as
+    :meth:`LiveAvatarPipeline.stream` and a TPP group's rank 0 take them. Returns the iterator (None per block for
+    a DiT without audio; ``extractor`` may then be None) and a callable giving the video frames the audio covered
+    once the source has ended (None before)."""
+    extractor = extractor if dit.has_audio else _Silence()
+    stream = StreamingAudioFeatures(extractor, fps, dit.frames_per_block, dit.video_frames_per_latent,
+                                    options.lookback_s, SAMPLE_RATE, first_frame_alone=dit.family != "s2v")
+    limit = None if max_seconds is None else int(float(max_seconds) * SAMPLE_RATE)
+    ended: dict[str, int] = {}
 
-        blocks = _causal(stream, take(), on_end)
-        if not self.dit.has_audio:
-            blocks = (None for _ in blocks)
-        return blocks, lambda: ended.get("frames")
+    def take() -> Iterator[np.ndarray]:
+        taken = 0
+        for chunk in chunks:
+            samples = _as_samples(chunk, "audio chunk")
+            if limit is not None:
+                samples = samples[: limit - taken]
+            taken += len(samples)
+            yield samples
+            if limit is not None and taken >= limit:
+                return
+
+    def on_end(frames: int) -> None:
+        if frames < 1:
+            raise UserError("audio: the live source ended before one video frame")
+        ended["frames"] = frames
+
+    blocks = _causal(stream, take(), on_end)
+    if not dit.has_audio:
+        blocks = (None for _ in blocks)
+    return blocks, lambda: ended.get("frames")
 

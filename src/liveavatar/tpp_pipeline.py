@@ -2,7 +2,8 @@
 :mod:`liveavatar.engine.tpp`) that serves one request after another, as :class:`~liveavatar.pipeline.LiveAvatarPipeline`
 does in one process. Each DiT rank loads its model once; every rank takes every request, with the same arguments,
 and does its part; the output rank (the decoding rank, or the last step's with ``engine.decode_on_last``) gets the
-decoded blocks. ``infer.py engine=tpp`` is one request; GenBench streams its cases through it.
+decoded blocks. ``infer.py engine=tpp`` is one request; GenBench streams its cases through it; ``serve.py
+engine=tpp`` runs live sessions through :meth:`TPPPipeline.stream_live` (see :mod:`liveavatar.serving.tpp_group`).
 
 Between requests the group meets at a barrier, so a request starts on every rank at once (its time to first frame
 counts from there) and the output rank may take its time with a finished video (writing, scoring) while the
@@ -11,10 +12,11 @@ others wait. A failure on any rank stops every rank (the watchdog), with the fai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,8 +26,8 @@ from omegaconf import DictConfig
 from .components import Components, UserError, frames_in, resolve_dtype
 from .engine import tpp
 from .engine.stream import StreamCore
-from .pipeline import (AudioFeatureOptions, AvatarStream, decode_blocks, dit_config, engine_settings, feature_blocks,
-                       load_model, prompt_context, read_image, read_waveform, speaking_mask,
+from .pipeline import (AudioFeatureOptions, AvatarStream, StreamBlock, decode_blocks, dit_config, engine_settings,
+                       feature_blocks, load_model, prompt_context, read_image, read_waveform, speaking_mask,
                        still_motion_latents)
 from .models.audio import blocks_for
 
@@ -70,6 +72,7 @@ class TPPPipeline:
             self.prompt = Path(cfg.prompt_embedding) if cfg.get("prompt_embedding") else str(cfg.prompt)
             self.audio_encoder = self.components.audio_encoder if self.dit.has_audio and self.rank == 0 else None
         self._started: tuple[float, float, float] | None = None   # (time, wait_s, send_s) when a request began
+        self._context: torch.Tensor | None = None                 # the prompt's, for live sessions
 
     @property
     def is_output(self) -> bool:
@@ -119,14 +122,7 @@ class TPPPipeline:
             total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
             stage = None
             if self.layout.is_dit(self.rank):
-                try:
-                    core = StreamCore(self.model, self.settings, (reference.shape[1], reference.shape[3],
-                                      reference.shape[4]), context, reference,
-                                      seed=self.seed if seed is None else int(seed), lanes=1,
-                                      sink_motion=None if motion is None else motion.to(self.dtype))
-                    stage = tpp.DiTStage(core, self.rank, self.layout, self.channel, self.stage_options)
-                except ValueError as err:
-                    raise UserError(str(err)) from err
+                stage = self._stage(reference, motion, context, seed, self.stage_options)
             feed = None
             if self.rank == 0:
                 feed = tpp.AudioFeed(feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit,
@@ -144,6 +140,83 @@ class TPPPipeline:
                 x0s = tpp.receive_blocks(self.channel, self.layout.steps - 1)
             blocks = self._guarded(decode_blocks(self.components.vae, x0s, video_frames))
             return AvatarStream(blocks, self.fps, np.asarray(wav, dtype=np.float32), total, video_frames)
+
+    def _stage(self, reference: torch.Tensor, motion: torch.Tensor | None, context: torch.Tensor, seed: int | None,
+               options: tpp.StageOptions) -> tpp.DiTStage:
+        """This DiT rank's stage of one stream, from a fresh core (its own step's KV cache, one lane)."""
+        try:
+            core = StreamCore(self.model, self.settings, (reference.shape[1], reference.shape[3], reference.shape[4]),
+                              context, reference, seed=self.seed if seed is None else int(seed), lanes=1,
+                              sink_motion=None if motion is None else motion.to(self.dtype))
+            return tpp.DiTStage(core, self.rank, self.layout, self.channel, options)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+
+    def _live_stage(self, pixels: torch.Tensor, seed: int | None, options: tpp.StageOptions) -> tpp.DiTStage:
+        reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
+        motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit,
+                                      self.settings)
+        return self._stage(reference, motion, self._context, seed, options)
+
+    @torch.no_grad()
+    def prepare_live(self) -> None:
+        """Ready this rank for :meth:`stream_live`: the prompt's context, once; on a DiT rank a stage is built and
+        dropped, so that settings TPP cannot stream are refused now (the same :class:`UserError` on every DiT
+        rank), not at the first session."""
+        with self.guard():
+            self._context = prompt_context(self.prompt, self.components, self.dit, self.device)
+            if self.layout.is_dit(self.rank):
+                self._live_stage(torch.zeros(3, *self.components.resolution), None, self.stage_options)
+
+    @torch.no_grad()
+    def stream_live(self, image: torch.Tensor, features: Iterable | None, *, skip: Callable[[], bool] | None = None,
+                    seed: int | None = None) -> Iterator[tuple[StreamBlock, float]] | None:
+        """One live session on this rank (a collective: every rank calls it, after :meth:`prepare_live`), from a
+        fresh cache.
+
+        Args:
+            image: the reference ``[3, H, W]`` in [-1, 1].
+            features: rank 0's per-block audio features (any iterable; it may block between blocks, heartbeats
+                keep the group alive meanwhile; the session ends with it); None on the other ranks.
+            skip: while it returns True the session is given up: blocks pass every rank without compute and the
+                output rank decodes nothing, so the stream ends within about one forward.
+            seed: the noise seed (None: ``seed``).
+
+        Returns on the output rank the decoded blocks with their cost, ``(StreamBlock, cost_s)`` (the longest
+        compute one stage, decoding included, spent on the block: the pipeline's pace), to be consumed to the end
+        (the last one meets the group again); None on the other ranks once their part is done.
+        """
+        with self.guard():
+            pixels = read_image(image, self.components.resolution)
+            options = dataclasses.replace(self.stage_options, skip=skip)
+            stage = self._live_stage(pixels, seed, options) if self.layout.is_dit(self.rank) else None
+            feed = tpp.AudioFeed(features) if self.rank == 0 else None
+            dist.barrier()
+            self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
+            if stage is not None:
+                x0s = stage.run(feed)
+                if not self.is_output:
+                    for _ in x0s:
+                        pass
+                    self._end()
+                    return None
+                upstream = lambda: stage.cost_s  # noqa: E731
+            else:
+                x0s = tpp.receive_blocks(self.channel, self.layout.steps - 1)
+                upstream = lambda: self.channel.received_cost_s  # noqa: E731
+        return self._guarded(self._decode_live(x0s, upstream, skip))
+
+    def _decode_live(self, x0s: Iterable[tuple[int, torch.Tensor]], upstream: Callable[[], float],
+                     skip: Callable[[], bool] | None) -> Iterator[tuple[StreamBlock, float]]:
+        decoder = self.components.vae.stream_decoder()
+        clock = tpp.ComputeClock(self.device)
+        for index, x0 in x0s:
+            if skip is not None and skip():
+                continue  # given up: drained, not decoded
+            started = clock.start()
+            frames = decoder.decode(x0)[0].transpose(0, 1)  # [T, 3, H, W]
+            cost = clock.stop(started)
+            yield StreamBlock(index, frames.float().cpu()), max(upstream(), cost)
 
     def _guarded(self, blocks):
         with self.guard():

@@ -7,8 +7,9 @@ timestep-forced KV cache (one lane); the output rank decodes with the streaming 
 it on. Only the block latent and the block's audio features travel; caches never move. In steady state every
 rank works on a different block, so a block comes out every forward.
 
-Messages are a fixed-size int64 header (kind, block, shapes of the tensors that follow) and float32 payloads,
-sent in the same order on both sides (NCCL matches by order, not tags). With a sink that changes (``aas``, or
+Messages are a fixed-size int64 header (kind, block, shapes of the tensors that follow, and the block's cost so far:
+the longest compute of one stage on it, in microseconds) and float32 payloads, sent in the same order on both sides
+(NCCL matches by order, not tags). With a sink that changes (``aas``, or
 ``reference`` with ``keep_first_block``) the last DiT rank also sends block 0's clean latents once to every other
 DiT rank; each takes it before block ``switch_block``, or at the end of a stream too short to reach that block,
 so that no send is left unmatched. Heartbeats flow down the pipeline while the audio source is idle, so a quiet
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from .stream import StreamCore
 
 HEADER = 32
 MAX_DIMS = 6
+COST = HEADER - 1  # header slot of the block's cost so far (microseconds)
 BLOCK, HEARTBEAT, STOP, SINK = 0, 1, 2, 3
 ERROR_KEY = "liveavatar/tpp/error"
 
@@ -85,14 +87,18 @@ class Channel:
     def __init__(self, device: torch.device, stats: RankStats):
         self.device, self.stats = device, stats
         self.pending: dict[int, list] = {}  # destination -> sends in flight
+        self.received_cost_s = 0.0          # the cost the last message received carried
 
-    def send(self, dst: int, kind: int, block: int = -1, tensors: list[torch.Tensor] = ()) -> None:
+    def send(self, dst: int, kind: int, block: int = -1, tensors: list[torch.Tensor] = (), cost_s: float = 0.0
+             ) -> None:
         """Send a message; first wait for the previous message to ``dst`` (at most one in flight per
-        destination: backpressure without ever waiting on an unrelated peer)."""
+        destination: backpressure without ever waiting on an unrelated peer). ``cost_s``: the block's cost so far
+        (the longest compute one stage spent on it)."""
         t0 = time.perf_counter()
         self.flush(dst)
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[0], header[1], header[2] = kind, block, len(tensors)
+        header[COST] = round(cost_s * 1e6)
         payload = []
         for i, t in enumerate(tensors):
             if t.dim() > MAX_DIMS:
@@ -120,6 +126,7 @@ class Channel:
         dist.recv(header, src)
         header = header.cpu()
         kind, block, n = int(header[0]), int(header[1]), int(header[2])
+        self.received_cost_s = int(header[COST]) / 1e6
         tensors = []
         for i in range(n):
             base = 3 + i * (MAX_DIMS + 1)
@@ -129,6 +136,37 @@ class Channel:
             tensors.append(t)
         self.stats.wait_s += time.perf_counter() - t0
         return kind, block, tensors
+
+
+class ComputeClock:
+    """A stage's compute seconds per block, without waiting for the device: on the CPU the wall time of the work;
+    on CUDA two events recorded around it on the stream, read once they have completed, so a block reports the
+    latest measurement finished by then (one or two blocks late)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+        self.last_s = 0.0
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> float:
+        """The seconds of the work since ``started``, or on CUDA of the latest finished work."""
+        if not self.cuda:
+            self.last_s = time.perf_counter() - started
+            return self.last_s
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((started, end))
+        while self.pending and self.pending[0][1].query():
+            begin, done = self.pending.pop(0)
+            self.last_s = begin.elapsed_time(done) / 1000
+        return self.last_s
 
 
 class PeerFailure(RuntimeError):
@@ -214,6 +252,9 @@ class AudioFeed:
 class StageOptions:
     heartbeat_s: float = 10.0
     simulate_forward_ms: float | None = None  # benchmark only: a stage's compute becomes a fixed sleep
+    # A stream given up (a live session that ended): while this returns True, blocks pass without compute, so
+    # every message still flows as the protocol expects and the stream ends within one forward.
+    skip: Callable[[], bool] | None = None
     # Fault drills (tests, operations): LIVEAVATAR_TPP_FAIL="rank:block" makes that rank raise at that block;
     # "rank:block:kill" makes it die with SIGKILL instead (no chance to report anything).
     fail_at: tuple[int, int, bool] | None = field(
@@ -235,6 +276,8 @@ class DiTStage:
         self.core, self.step, self.layout, self.channel, self.options = core, step, layout, channel, options
         self.last = step == layout.steps - 1
         self.next_block = 0  # rank 0: index of the next block taken from the audio feed
+        self.cost_s = 0.0    # the last block's cost so far (the longest compute of one stage on it, this one's too)
+        self.clock = ComputeClock(core.device)
         # Non-last ranks with a changing sink: block 0 has passed through this rank, so the last rank will send
         # (or has sent) its clean latents, and this rank has not received them yet.
         self.sink_in_flight = False
@@ -246,6 +289,8 @@ class DiTStage:
             if self.options.fail_at[2]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at block {block} (LIVEAVATAR_TPP_FAIL)")
+        if self.options.skip is not None and self.options.skip():
+            return x, x  # given up: what passes on is never used
         if self.options.simulate_forward_ms is not None:
             time.sleep(self.options.simulate_forward_ms / 1000)
             x0 = x.clone()
@@ -278,8 +323,10 @@ class DiTStage:
             finally:
                 self.channel.stats.wait_s += time.perf_counter() - t0
             block, self.next_block = self.next_block, self.next_block + 1
+            self.cost_s = 0.0
             return BLOCK, block, self.core.noise(block, 0), grouped
         kind, block, tensors = self.channel.recv(self.step - 1)
+        self.cost_s = self.channel.received_cost_s
         x = tensors[0] if tensors else None
         grouped = tensors[1] if len(tensors) > 1 else None
         return kind, block, x, grouped
@@ -306,7 +353,9 @@ class DiTStage:
                 self._receive_sink()
             if block == 0 and core.sink.needs_first_block and not self.last:
                 self.sink_in_flight = True
+            started = self.clock.start()
             x0, out = self._compute(x.to(core.device), block, grouped)
+            self.cost_s = max(self.cost_s, self.clock.stop(started))
             if self.last and block == 0 and core.sink.needs_first_block:
                 core.sink.first_block_done(x0)
                 for r in range(layout.steps - 1):
@@ -314,7 +363,8 @@ class DiTStage:
             if downstream is None:
                 yield block, x0
             else:
-                self.channel.send(downstream, BLOCK, block, [out] + ([grouped] if grouped is not None else []))
+                self.channel.send(downstream, BLOCK, block, [out] + ([grouped] if grouped is not None else []),
+                                  cost_s=self.cost_s)
 
 
 def receive_blocks(channel: Channel, src: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -61,13 +61,17 @@ class ServerState:
         status = {"active": self.scheduler.active is not None, "waiting": self.scheduler.waiting,
                   "served": self.scheduler.served, "live_streams": len(self.streams),
                   "engine": self.pipe.engine, "device": str(dev), "fps": self.pipe.fps, "last": self.last}
-        if dev.type == "cuda":
-            status["device_memory_mb"] = torch.cuda.memory_allocated(dev) / 2**20
+        if isinstance(self.pipe, LiveAvatarPipeline):
+            if dev.type == "cuda":
+                status["device_memory_mb"] = torch.cuda.memory_allocated(dev) / 2**20
+        else:  # a TPP group: its ranks, and whether they are in a session
+            status["tpp"] = self.pipe.status()
         return status
 
 
 def create_app(pipe: LiveAvatarPipeline, settings: AppSettings) -> FastAPI:
-    """The app over one loaded ``pipe`` (engines ``sequential`` and ``stream_batch``)."""
+    """The app over one loaded ``pipe`` (engines ``sequential`` and ``stream_batch``) or a started
+    :class:`~.tpp_group.TPPGroup`."""
     state = ServerState(pipe, settings)
     app = FastAPI(title="liveavatar", docs_url=None, redoc_url=None)
     app.state.liveavatar = state

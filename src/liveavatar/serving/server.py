@@ -1,5 +1,6 @@
-"""``serve.py``: load the pipeline a config names (``conf/serve.yaml``), build the app and serve it with uvicorn;
-:class:`BackgroundServer` serves an app from a thread (tests and ``bench/serve.py``).
+"""``serve.py``: load the pipeline a config names (``conf/serve.yaml``; ``engine=tpp``: start its ranks, see
+:mod:`.tpp_group`), build the app and serve it with uvicorn; :class:`BackgroundServer` serves an app from a thread
+(tests and ``bench/serve.py``).
 
 The socket is bound here, before uvicorn starts, so that a port in use is one line (and ``server.port=0`` picks a
 free port whose URL can be printed).
@@ -20,7 +21,11 @@ from ..pipeline import LiveAvatarPipeline
 from .app import AppSettings, create_app
 from .session import SessionOptions
 
-SERVABLE_ENGINES = ("sequential", "stream_batch")
+SERVABLE_ENGINES = ("sequential", "stream_batch", "tpp")
+
+
+class GroupStopped(Exception):
+    """The TPP ranks stopped with a failure while serving; the message names the rank."""
 
 
 def settings_from_config(cfg: DictConfig) -> AppSettings:
@@ -30,7 +35,7 @@ def settings_from_config(cfg: DictConfig) -> AppSettings:
     if not images.is_dir():
         raise UserError(f"server.images={s.images}: not a folder (the reference images the page offers)")
     checks = [("max_queue", s.max_queue >= 0), ("max_lag_s", s.max_lag_s > 0), ("grace_s", s.grace_s >= 0),
-              ("max_outgoing_s", s.max_outgoing_s > 0),
+              ("max_outgoing_s", s.max_outgoing_s > 0), ("send_buffer_kb", (s.send_buffer_kb or 0) >= 0),
               ("max_image_mb", s.max_image_mb > 0), ("min_side", s.min_side >= 1),
               ("max_session_s", s.max_session_s is None or s.max_session_s > 0)]
     for key, ok in checks:
@@ -50,20 +55,21 @@ def check_servable(cfg: DictConfig) -> None:
         raise UserError("model.dit.listening=true: serve.py streams one live voice; a listening model's second voice "
                         "(the interlocutor's) is not served yet")
     name = cfg.engine.name
-    if name == "tpp":
-        raise UserError("engine=tpp: serve.py does not run TPP yet (the live audio would have to reach rank 0 and "
-                        "the video come back from the output rank across processes); serve with "
-                        "engine=sequential or engine=stream_batch")
     if name not in SERVABLE_ENGINES:
         raise UserError(f"engine={name}: serve.py runs {', '.join(SERVABLE_ENGINES)}")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free one)."""
+def bind(host: str, port: int, send_buffer_kb: float | None = 128) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free one). ``send_buffer_kb``: the most data not yet
+    sent that the kernel keeps for each connection (``TCP_NOTSENT_LOWAT``, inherited by accepted sockets; data in
+    flight on the network is not limited by it). Unlimited, the kernel takes megabytes from a slow client's socket
+    (tens of seconds of video) before the server's own bounded queue (``server.max_outgoing_s``) sees any of it."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer_kb and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, int(send_buffer_kb * 1024))
         sock.bind((host, int(port)))
     except (OSError, OverflowError) as err:
         reason = getattr(err, "strerror", None) or str(err)
@@ -88,27 +94,47 @@ def uvicorn_server(app: FastAPI, cfg: DictConfig | None = None) -> uvicorn.Serve
     return uvicorn.Server(config)
 
 
+def load(cfg: DictConfig):
+    """The pipeline behind the app: one process (``sequential``, ``stream_batch``) or a started TPP group."""
+    if cfg.engine.name == "tpp":
+        from .tpp_group import TPPGroup
+
+        return TPPGroup.launch(cfg)
+    return LiveAvatarPipeline.from_config(cfg)
+
+
 def run(cfg: DictConfig) -> None:
-    """``python serve.py ...``: refuse what cannot be served, load, listen, print the URL, serve until Ctrl-C."""
+    """``python serve.py ...``: refuse what cannot be served, load, listen, print the URL, serve until Ctrl-C.
+    Raises :class:`GroupStopped` when the TPP ranks failed (the server stops serving then)."""
     check_servable(cfg)
     settings = settings_from_config(cfg)
-    sock = bind(cfg.server.host, cfg.server.port)  # before the (slow) load: a port in use is said at once
-    pipe = LiveAvatarPipeline.from_config(cfg)
-    server = uvicorn_server(create_app(pipe, settings), cfg)
-    scheme = "https" if cfg.server.get("ssl_certfile") else "http"
-    print(f"liveavatar: serving {cfg.model.name} ({pipe.engine}, {pipe.device}) on {url_of(sock, scheme)} "
-          "- open it in a browser, pick a reference image, press Start and speak", flush=True)
-    if scheme == "http" and cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
-        print("note: browsers give the microphone only to https pages or to localhost: from another machine, "
-              "forward the port (ssh -L) or set server.ssl_certfile/ssl_keyfile", flush=True)
-    server.run(sockets=[sock])
+    # Before the (slow) load: a port in use is said at once.
+    sock = bind(cfg.server.host, cfg.server.port, cfg.server.get("send_buffer_kb"))
+    pipe = load(cfg)
+    try:
+        server = uvicorn_server(create_app(pipe, settings), cfg)
+        if hasattr(pipe, "on_failure"):  # a failed rank leaves nothing to serve with
+            pipe.on_failure(lambda: setattr(server, "should_exit", True))
+        scheme = "https" if cfg.server.get("ssl_certfile") else "http"
+        where = f"{pipe.world} ranks, {pipe.device.type}" if pipe.engine == "tpp" else str(pipe.device)
+        print(f"liveavatar: serving {cfg.model.name} ({pipe.engine}, {where}) on {url_of(sock, scheme)} "
+              "- open it in a browser, pick a reference image, press Start and speak", flush=True)
+        if scheme == "http" and cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
+            print("note: browsers give the microphone only to https pages or to localhost: from another machine, "
+                  "forward the port (ssh -L) or set server.ssl_certfile/ssl_keyfile", flush=True)
+        server.run(sockets=[sock])
+    finally:
+        if hasattr(pipe, "close"):
+            pipe.close()
+    if getattr(pipe, "failed", None):
+        raise GroupStopped(pipe.failed)
 
 
 class BackgroundServer:
     """Serve ``app`` on ``host`` (a free port) from a thread: ``with BackgroundServer(app) as url: ...``."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        self.sock = bind(host, port)
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, send_buffer_kb: float | None = 128):
+        self.sock = bind(host, port, send_buffer_kb)
         self.url = url_of(self.sock)
         self.server = uvicorn_server(app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
