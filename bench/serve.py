@@ -4,6 +4,7 @@ it through a fake microphone that plays a speech file in a loop.
 
     python bench/serve.py                                   # the tiny preset (random weights), 4 steps, on the CPU
     python bench/serve.py --seconds 60 -- engine=stream_batch denoise.steps=[1000,500]
+    python bench/serve.py --client socket -- engine=tpp denoise.steps=[1000,500]   # 2 DiT ranks + decoding rank
     python bench/serve.py --screenshot docs/serve.png -- checkpoint=outputs/train/toy_df/model ...
 
 Everything after ``--`` is a ``conf/serve.yaml`` override. The figures, over ``--seconds`` after ``--warmup``:
@@ -13,7 +14,9 @@ Everything after ``--`` is a ``conf/serve.yaml`` override. The figures, over ``-
   expected display time), both on the page's clock;
 * ``first_frame_ms``: from the server starting the session to the first frame presented;
 * ``rtf``: the server's compute (model, decode, encode) per second of video over the window (below 1: keeps up);
-  ``video_per_wall``: seconds of video played per wall-clock second (1.0 when live);
+  with ``engine=tpp`` the slowest stage's (a DiT rank's forward, the decoding rank's decode, or the server's
+  encode) per block, the pipeline's pace; ``video_per_wall``: seconds of video played per wall-clock second (1.0
+  when live);
 * ``dropped_frames`` (audio dropped because the server fell behind), ``silent_blocks`` (audio late), the
   player's dropped frames.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,9 +44,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from liveavatar import media  # noqa: E402
-from liveavatar.pipeline import LiveAvatarPipeline  # noqa: E402
 from liveavatar.serving.app import create_app  # noqa: E402
-from liveavatar.serving.server import BackgroundServer, settings_from_config  # noqa: E402
+from liveavatar.serving.server import BackgroundServer, check_servable, load, settings_from_config  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 SPEECH = ROOT / "data/example/speech.wav"
@@ -178,15 +181,22 @@ def main():
         torch.set_num_threads(args.threads)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("serve", args.overrides)
-    pipe = LiveAvatarPipeline.from_config(cfg)
-    app = create_app(pipe, settings_from_config(cfg))
-    with BackgroundServer(app) as url:
-        measured = (run_browser if args.client == "browser" else run_socket)(url, args)
+    check_servable(cfg)
+    pipe = load(cfg)  # engine=tpp: starts the ranks (engine.threads_per_rank threads each on the CPU)
+    try:
+        app = create_app(pipe, settings_from_config(cfg))
+        with BackgroundServer(app) as url:
+            measured = (run_browser if args.client == "browser" else run_socket)(url, args)
+    finally:
+        if hasattr(pipe, "close"):
+            pipe.close()
     g2g = [x * 1000 for x in measured.pop("g2g")]
     server = measured.pop("server")
     result = {
         "client": measured["client"], "preset": cfg.model.name, "engine": pipe.engine,
-        "steps": len(cfg.denoise.steps), "device": str(pipe.device), "threads": torch.get_num_threads(),
+        "steps": len(cfg.denoise.steps), "device": str(pipe.device),
+        "threads": cfg.engine.threads_per_rank if pipe.engine == "tpp" else torch.get_num_threads(),
+        "ranks": getattr(pipe, "world", None), "load_average": round(os.getloadavg()[0], 2),
         "seconds": args.seconds, "blocks_measured": len(g2g),
         "glass_to_glass_ms": round(statistics.median(g2g), 1) if g2g else None,
         "glass_to_glass_p90_ms": round(percentile(g2g, 0.9), 1) if g2g else None,

@@ -59,10 +59,17 @@ def pipes(tiny_checkpoint):
 
 @contextmanager
 def serving(pipes, *overrides, engine="sequential"):
-    """A server on a free local port: yields (ws url, http url, app state)."""
-    app = create_app(pipes(engine), settings_from_config(serve_config(*overrides)))
+    """A server on a free local port: yields (ws url, http url, app state). ``pipes``: the ``pipes`` fixture (a
+    pipeline per engine), or the pipeline (or TPP group) itself."""
+    app = create_app(pipes(engine) if callable(pipes) else pipes, settings_from_config(serve_config(*overrides)))
     with BackgroundServer(app) as url:
         yield url.replace("http://", "ws://") + "ws", url, app.state.liveavatar
+
+
+@pytest.fixture(params=["sequential", "tpp"])
+def live_pipe(request, pipes):
+    """The one-process sequential pipeline, then the TPP group: what both serve alike."""
+    return request.getfixturevalue("tpp_group") if request.param == "tpp" else pipes(request.param)
 
 
 def speech_pcm(seconds: float) -> bytes:
@@ -282,13 +289,6 @@ def tpp_group(tiny_checkpoint):
     assert all(p.poll() is not None for p in group._procs)  # no rank outlives the server
 
 
-@contextmanager
-def serving_tpp(group, *overrides):
-    app = create_app(group, settings_from_config(serve_config(*overrides)))
-    with BackgroundServer(app) as url:
-        yield url.replace("http://", "ws://") + "ws", url
-
-
 def served_frames(ws_url, pcm, blocks=10):
     """One session: all of ``pcm`` at once, ``blocks`` blocks back, then stop. Returns (frames, block messages)."""
     with connect(ws_url) as ws:
@@ -307,7 +307,7 @@ def test_tpp_serves_the_sequential_engines_frames_and_each_session_starts_afresh
     """The same audio through the TPP ranks: the frames the sequential engine serves (up to H.264, and far from
     another seed's), twice: the second session starts from a fresh cache on every rank, so it is the first again."""
     pipe, pcm = pipes("sequential"), speech_pcm(1.2)
-    with serving_tpp(tpp_group, "server.max_lag_s=30", "server.crf=4") as (ws_url, http_url):
+    with serving(tpp_group, "server.max_lag_s=30", "server.crf=4") as (ws_url, http_url, _):
         first, blocks = served_frames(ws_url, pcm)
         second, _ = served_frames(ws_url, pcm)
         assert status(http_url)["tpp"] == {"ranks": 3, "ranks_in_session": 0, "failed": None}
@@ -327,7 +327,7 @@ def test_tpp_serves_the_sequential_engines_frames_and_each_session_starts_afresh
 
 
 def test_tpp_a_client_that_disconnects_mid_stream_frees_the_ranks_for_the_next(tpp_group):
-    with serving_tpp(tpp_group, "server.max_lag_s=30") as (ws_url, http_url), connect(ws_url) as a, \
+    with serving(tpp_group, "server.max_lag_s=30") as (ws_url, http_url, _), connect(ws_url) as a, \
             connect(ws_url) as b:
         start(a)
         assert receive(a)["type"] == "started"
@@ -352,8 +352,8 @@ def test_tpp_a_client_that_disconnects_mid_stream_frees_the_ranks_for_the_next(t
         assert status(http_url)["live_streams"] == 0
 
 
-def test_audio_far_ahead_of_the_engine_is_dropped_in_whole_blocks_and_counted(pipes):
-    with serving(pipes, "server.max_lag_s=0.24") as (ws_url, _, _), connect(ws_url) as ws:
+def test_audio_far_ahead_of_the_engine_is_dropped_in_whole_blocks_and_counted(live_pipe):
+    with serving(live_pipe, "server.max_lag_s=0.24") as (ws_url, _, _), connect(ws_url) as ws:
         start(ws)
         assert receive(ws)["type"] == "started"
         ws.send(speech_pcm(2.0))  # 2 s at once: at most 0.24 s may wait behind the block being made
@@ -401,9 +401,9 @@ def test_a_client_too_slow_for_the_video_gets_whole_fragments_that_still_play_in
     assert np.abs(cells(frames[: len(given)], 16) - given).mean() < 3  # no frame refers to one left out
 
 
-def test_an_uploaded_image_is_served_until_the_session_limit(pipes):
+def test_an_uploaded_image_is_served_until_the_session_limit(live_pipe):
     url = "data:image/png;base64," + base64.b64encode(REFERENCE.read_bytes()).decode()
-    with serving(pipes, "server.max_session_s=0.5") as (ws_url, _, _), connect(ws_url) as ws:
+    with serving(live_pipe, "server.max_session_s=0.5") as (ws_url, _, _), connect(ws_url) as ws:
         ws.send(json.dumps({"type": "start", "image_data": url}))
         assert receive(ws)["type"] == "started"
         messages = closed_after(ws)  # the client sends nothing: silence, and the avatar still moves

@@ -66,7 +66,9 @@ class Inbox:
             elif kind == "abort":
                 self.aborted = max(self.aborted, message[1])
                 self._audio.put(message)
-            elif kind == "shutdown":
+            elif kind == "shutdown":  # a session still running is given up first
+                self.aborted = sys.maxsize
+                self._audio.put(("abort", None))
                 self.sessions.put(None)
                 return
 
@@ -75,7 +77,7 @@ class Inbox:
         when the session is given up. Messages of earlier sessions are skipped."""
         while True:
             kind, sid, *payload = self._audio.get()
-            if sid != session:
+            if sid != session and sid is not None:  # (None: every session)
                 continue
             if kind == "end":
                 return
