@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from .. import atomic
-from ..training.run_folder import _flatten
+from ..training.run_folder import flatten_config
 
 TIMING = ("ttff_s", "fps", "rtf")
 # Lower is better for these, closest to zero for the signed trends and offsets (the rest: higher is better); marks
@@ -118,7 +118,7 @@ def training_config(checkpoint: str | None) -> dict | None:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return _flatten(config) if isinstance(config, dict) else None
+    return flatten_config(config) if isinstance(config, dict) else None
 
 
 def seed_free(key: str) -> bool:

@@ -36,12 +36,18 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked (one line for the user)."""
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, object]:
+def flatten_config(cfg: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config (plain dicts, as ``OmegaConf.to_container`` or ``yaml.safe_load`` give it) as one flat dict of
+    dotted keys: ``{"optim": {"lr": 1e-4}}`` -> ``{"optim.lr": 1e-4}``.
+
+    Every non-empty dict is walked into; any other value, an empty dict and a list included, is one entry as it is.
+    ``prefix`` goes before every key (``"model."`` gives ``model.dit.dim``). Used to compare two runs' configs key by
+    key (:func:`config_differences`, GenBench's report of what differs between the runs it compares)."""
     out = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten_config(value, f"{name}."))
         else:
             out[name] = value
     return out
@@ -49,7 +55,7 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, object]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ignoring :data:`RESUMABLE_CHANGES`."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     keys = sorted(set(a) | set(b))
     allowed = tuple(RESUMABLE_CHANGES)
     return [k for k in keys if a.get(k) != b.get(k) and not any(k == p or k.startswith(p + ".") for p in allowed)]
