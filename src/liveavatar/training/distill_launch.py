@@ -14,6 +14,7 @@ from .datamodule import AvatarDataModule, DataSettings
 from .dmd import DMDModule
 from .launch import fit
 from .ode_init import ODEInitModule
+from .strategy import sharded_strategy, strategy_name
 
 STAGES = ("dmd", "ode_init", "adversarial")
 
@@ -33,8 +34,7 @@ def parse_drill(value: str | None) -> tuple[str, int] | None:
 def check_trainer(cfg: DictConfig) -> None:
     """Refuse, in one line, trainer settings that two manually stepped optimizers cannot use."""
     t = cfg.trainer
-    strategy = t.get("strategy", "auto")
-    name = strategy if isinstance(strategy, str) else strategy.get("name")
+    name = strategy_name(t)
     if name == "deepspeed":
         raise ValueError("trainer=deepspeed_*: Lightning's DeepSpeed strategy takes a single optimizer and "
                          "distillation steps two (generator and critic); use trainer=fsdp for several GPUs")
@@ -53,9 +53,11 @@ def check_trainer(cfg: DictConfig) -> None:
     if name == "fsdp" and cfg.get("stage", "dmd") == "adversarial":
         raise ValueError("stage=adversarial with trainer=fsdp: the discriminator's Q-Formers and heads are not "
                          "sharded or synchronised across ranks yet; run it on one device (strategy=auto)")
-    if name == "fsdp" and cfg.distill.ema_decay is not None:
-        raise ValueError("distill.ema_decay with trainer=fsdp: the EMA keeps unsharded copies of the generator's "
-                         "trained weights and is not implemented for sharded ones; set distill.ema_decay=null")
+    sharded = sharded_strategy(t)  # fsdp here: deepspeed is refused above
+    if sharded and cfg.distill.ema_decay is not None:
+        raise ValueError(f"distill.ema_decay with trainer={sharded}: the EMA keeps unsharded copies of the "
+                         "generator's trained weights and is not implemented for sharded ones; set "
+                         "distill.ema_decay=null")
 
 
 def model_keys(cfg: DictConfig) -> dict:

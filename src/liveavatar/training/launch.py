@@ -22,7 +22,7 @@ from .datamodule import AvatarDataModule, DataSettings
 from .flow_module import FlowMatchingModule
 from .run_folder import RunFolder
 from .sharding import FSDP2Strategy
-from .strategy import build_strategy
+from .strategy import build_strategy, sharded_strategy
 
 log = logging.getLogger(__name__)
 KILL_ENV = "LIVEAVATAR_TRAIN_KILL_AT_STEP"
@@ -138,18 +138,16 @@ def route_lightning_logs() -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or continue) the training ``cfg`` describes in ``run_dir``; return the figures of ``done.json``."""
 
-    strategy = cfg.trainer.get("strategy", "auto")
-    name = strategy if isinstance(strategy, str) else strategy.get("name")
-    sharded = name == "fsdp" or (name == "deepspeed" and int(strategy.get("stage", 0)) == 3)
+    sharded = sharded_strategy(cfg.trainer)
     if sharded and cfg.optim.get("ema_decay") is not None:
-        raise ValueError(f"optim.ema_decay with trainer={'fsdp' if name == 'fsdp' else 'deepspeed_zero3'}: the EMA "
-                         "keeps whole copies of the trained weights and is not implemented for sharded ones; set "
-                         "optim.ema_decay=null")
+        raise ValueError(f"optim.ema_decay with trainer={sharded}: the EMA keeps whole copies of the trained weights "
+                         "and is not implemented for sharded ones; set optim.ema_decay=null")
 
     def setup():
         module = build_module(cfg)
-        data = AvatarDataModule(DataSettings(**OmegaConf.to_container(cfg.data, resolve=True)), module.dit_config,
-                                OmegaConf.to_container(cfg.model, resolve=True))
+        settings = DataSettings(**OmegaConf.to_container(cfg.data, resolve=True))
+        settings.mouth_regions = module.loss_fn.config.mouth_weight > 0   # the loss weights them
+        data = AvatarDataModule(settings, module.dit_config, OmegaConf.to_container(cfg.model, resolve=True))
         data.setup("fit")  # fail on unusable data before the trainer starts
         if data.settings.motion_frames:
             module.loss_fn.check_motion(data.settings.motion_frames, data.settings.latent_frames)

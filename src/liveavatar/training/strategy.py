@@ -10,6 +10,25 @@ from omegaconf import DictConfig, OmegaConf
 NAMES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
+def strategy_name(trainer: Any) -> str:
+    """The strategy's name in a ``trainer`` config section: ``trainer.strategy`` itself when it is a name
+    (``auto``, ``ddp``), else its mapping's ``name`` (``fsdp``, ``deepspeed``); ``auto`` when it is absent."""
+    strategy = trainer.get("strategy", "auto")
+    return strategy if isinstance(strategy, str) else strategy.get("name")
+
+
+def sharded_strategy(trainer: Any) -> str | None:
+    """``fsdp`` or ``deepspeed_zero3`` (the ``trainer=`` preset's name) when the ``trainer`` section's strategy shards
+    the parameters themselves across ranks, else None (one device, DDP and ZeRO-2 keep whole parameters on each
+    rank). What an EMA of whole weights cannot follow: ``train.py`` and ``distill.py`` refuse an EMA under these."""
+    name = strategy_name(trainer)
+    if name == "fsdp":
+        return "fsdp"
+    if name == "deepspeed" and int(trainer.get("strategy").get("stage", 0)) == 3:
+        return "deepspeed_zero3"
+    return None
+
+
 def build_strategy(spec: Any):
     """``spec`` is a name (``auto``, ``ddp``) or a mapping ``{name: fsdp|deepspeed, ...options}``.
 
