@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from liveavatar.data.toy import (
-    FPS, MIN_SEPARATION, SAMPLE_RATE, audio_envelope, make_clip, reference_image, render, sample_identity,
+    FPS, MIN_SEPARATION, SAMPLE_RATE, audio_envelope, make_clip, mouth_region, reference_image, render,
+    sample_identity,
     synth_speech,
 )
 from liveavatar.metrics.toy import (
@@ -111,6 +112,23 @@ def test_render_mouth_eyes_and_head():
     moved = render(identity, np.zeros(2), np.array([[0.0, 0.0], [0.05, -0.03]]), np.ones(2), (h, w))
     c0, c1 = (estimate_identity(moved[:, i]).face_center for i in range(2))
     np.testing.assert_allclose(np.subtract(c1, c0), [0.05, -0.03], atol=0.005)
+
+
+def test_mouth_region_holds_every_mouth_pixel_and_follows_the_head():
+    clip = make_clip(11, 40)
+    region = mouth_region(clip.identity, clip.head)
+    assert region.shape == (40, 32, 32) and 0.0 <= region.min() and region.max() <= 1.0
+    # Every pixel an opening mouth paints (against the same frames with the mouth shut) lies in the region.
+    shut = render(clip.identity, np.zeros(40), clip.head, clip.eyes)
+    wide = render(clip.identity, np.ones(40), clip.head, clip.eyes)
+    painted = (wide - shut).abs().amax(0) > 1e-3
+    assert painted.any() and bool((region[painted] > 0).all())
+    assert region.sum((1, 2)).min() < 0.1 * 32 * 32   # a few percent of the frame, not the face
+    # It moves with the head: centres of mass follow the head's vertical offset in pixels.
+    ys = torch.arange(32, dtype=torch.float32)
+    centre = (region.sum(2) * ys).sum(1) / region.sum((1, 2))
+    head_px = torch.as_tensor(clip.head[:, 0] * 32, dtype=torch.float32)
+    torch.testing.assert_close(centre - centre[0], head_px - head_px[0], atol=0.15, rtol=0)
 
 
 def test_head_motion_is_slow_and_blinks_are_short(clips):

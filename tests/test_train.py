@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from liveavatar.data.toy import make_clip, mouth_region
 from liveavatar.models import AvatarDiT
 from liveavatar.training.datamodule import ToyDataset, collate
 from liveavatar.training.flow_loss import FlowLossConfig, FlowMatchingLoss
@@ -417,3 +418,18 @@ def test_the_audio_route_learns_at_its_own_rate():
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in module.model.named_parameters()}
     assert max(moved[n] for n in audio) == pytest.approx(1e-2, rel=0.05)
     assert max(v for n, v in moved.items() if n not in audio) == pytest.approx(1e-3, rel=0.05)
+
+
+def test_toy_samples_carry_mouth_regions_on_the_latent_grid_when_asked():
+    cfg = compose_train("experiment=toy_df", "init_from=null")
+    from liveavatar.training.launch import build_module
+
+    dit = build_module(cfg).dit_config
+    sample = ToyDataset(4, 6, dit, mouth_regions=True)[1]
+    region = sample["mouth_region"]
+    assert region.shape == (6, *sample["latents"].shape[-2:]) and 0 < region.mean() < 0.1 and region.max() <= 1.0
+    # Each latent pixel codes a 2x2 patch: it is as covered as the most covered pixel of its patch.
+    scene = make_clip(ToyDataset(4, 6, dit).clip_seed(1), 6)
+    pixels = mouth_region(scene.identity, scene.head)
+    torch.testing.assert_close(region, pixels.unflatten(1, (16, 2)).unflatten(3, (16, 2)).amax((2, 4)))
+    assert "mouth_region" not in ToyDataset(4, 6, dit)[1]

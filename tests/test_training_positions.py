@@ -98,3 +98,32 @@ def test_evicted_clips_start_the_stream_and_only_their_first_window_sees_the_sin
     with pytest.raises(ValueError, match="model.dit.reference=sink"):
         concat = randomise(AvatarDiT(tiny_config(reference="concat", frames_per_block=2)), std=0.1)
         loss_fn(concat, batch)
+
+
+def test_the_mouth_weight_scales_the_squared_error_inside_the_mouth_region():
+    """``loss.mouth_weight = w``: each squared error counts ``1 + w * region``. With the region everywhere the loss
+    is ``(1 + w)`` times the plain one (same noise, same levels), nowhere it is the plain one, and half of it lands
+    in between; without a region in the batch the loss refuses."""
+    model = randomise(AvatarDiT(tiny_config(reference="sink", frames_per_block=2)), std=0.1)
+    g = torch.Generator().manual_seed(3)
+    batch = {"latents": torch.randn(2, 4, 4, 4, 4, generator=g), "reference": torch.randn(2, 4, 1, 4, 4, generator=g),
+             "text": torch.randn(2, 5, 32, generator=g)}
+    plain_cfg = dict(drop_text=0.0, drop_audio=0.0)
+
+    def loss(weight, region):
+        fn = FlowMatchingLoss(FlowLossConfig(mouth_weight=weight, **plain_cfg), causal=True, frames_per_block=2)
+        extra = {} if region is None else {"mouth_region": region}
+        with torch.no_grad():
+            return fn(model, {**batch, **extra}, torch.Generator().manual_seed(7))[0]
+
+    plain = loss(0.0, None)
+    ones, zeros = torch.ones(2, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    torch.testing.assert_close(loss(4.0, ones), 5.0 * plain)
+    torch.testing.assert_close(loss(4.0, zeros), plain)
+    half = zeros.clone()
+    half[..., :2] = 1.0
+    assert plain < loss(4.0, half) < 5.0 * plain
+    with pytest.raises(ValueError, match="mouth_region"):
+        loss(4.0, None)
+    with pytest.raises(ValueError, match="mouth_weight"):
+        FlowLossConfig(mouth_weight=-1.0)

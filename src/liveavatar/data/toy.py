@@ -282,6 +282,17 @@ def render(
     return _over(image, identity.mouth, mouth_cov).contiguous()
 
 
+def mouth_region(identity: Identity, head: np.ndarray, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    """Where the mouth can be, per frame: ``float32 [T, H, W]`` in ``[0, 1]``, the coverage of the fully open mouth
+    with the head at ``head [T, 2]`` -- the pixels whose colour the audio decides (``loss.mouth_weight``)."""
+    h, w = size
+    head = torch.as_tensor(np.asarray(head), dtype=torch.float32).reshape(-1, 2)
+    full = torch.ones(head.shape[0])
+    ry, rx = identity.radii[0] * h, identity.radii[1] * w
+    cy, cx = (identity.center[0] + head[:, 0]) * h, (identity.center[1] + head[:, 1]) * w
+    return _coverage(cy + MOUTH_Y * ry, cx, MOUTH_HALF_HEIGHT[1] * ry * full, identity.mouth_width * rx * full, 2.0, size)
+
+
 def reference_image(identity: Identity, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
     """The neutral pose ``[3, H, W]``: mouth closed, eyes open, head centred."""
     return render(identity, np.zeros(1), np.zeros((1, 2)), np.ones(1), size)[:, 0]

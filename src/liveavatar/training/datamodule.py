@@ -15,6 +15,7 @@ from typing import Mapping
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..components import SAMPLE_RATE, Components, UserError, toy_preset
@@ -42,12 +43,15 @@ class ToyDataset(Dataset):
             the sample's ``motion`` holds the ``K`` before it.
         sink_motion_frames: with ``n > 0`` the sample's ``sink_motion`` holds the latents of the reference image held
             still for ``n`` video frames (``model.sink_motion``).
+        mouth_regions: the sample's ``mouth_region [F, h, w]`` marks on the latent grid where the mouth can be
+            (:func:`~liveavatar.data.toy.mouth_region`), for ``loss.mouth_weight``.
     """
 
     def __init__(self, size: int, latent_frames: int, dit: DiTConfig, preset: Mapping | None = None, seed: int = 0,
                  prompt: str = "a person talking to the camera", motion_frames: int = 0,
-                 sink_motion_frames: int = 0):
+                 sink_motion_frames: int = 0, mouth_regions: bool = False):
         self.size, self.frames, self.seed = int(size), int(latent_frames), int(seed)
+        self.mouth_regions = bool(mouth_regions)
         self.motion_frames, self.sink_motion_frames = int(motion_frames), int(sink_motion_frames)
         # A listening model learns from conversations: two voices and who holds the turn (models/interaction.py).
         self.conversation = dit.listening
@@ -96,6 +100,10 @@ class ToyDataset(Dataset):
             "audio": self.features(clip, k + self.frames)[0, k:],
             "text": self.text,
         }
+        if self.mouth_regions:
+            # On the latent grid: a latent pixel counts as much as the most mouth-covered pixel it codes.
+            region = toy.mouth_region(clip.identity, clip.head, self.resolution)[k:]
+            sample["mouth_region"] = F.adaptive_max_pool3d(region[None], tuple(latents.shape[1:]))[0]
         if k:
             sample["motion"] = latents[:, :k]
         if self.sink_motion_frames:
@@ -118,6 +126,7 @@ class DataSettings:
     prompt: str = "a person talking to the camera"
     motion_frames: int = 0          # Stage 1: latent frames before each clip given as noisy context (toy only)
     shuffle: bool = True            # false: clips in order (across ranks: rank r takes clips r, r + N, ...)
+    mouth_regions: bool = False     # toy: samples carry mouth_region (set by train.py when loss.mouth_weight > 0)
 
 
 class AvatarDataModule(L.LightningDataModule):
@@ -140,7 +149,10 @@ class AvatarDataModule(L.LightningDataModule):
             if vae["kind"] != "patch" or enc["kind"] != "energy_mel":
                 raise ValueError("data=toy needs a model preset with the patch VAE and energy_mel audio (model=tiny)")
             return ToyDataset(s.size, s.latent_frames, self.dit, self.preset, s.seed, s.prompt, s.motion_frames,
-                              self.sink_motion_frames)
+                              self.sink_motion_frames, s.mouth_regions)
+        if s.mouth_regions:
+            raise ValueError("loss.mouth_weight > 0 needs mouth regions, which only data=toy makes (shards have no "
+                             "lip masks yet)")
         if s.kind == "shards":
             from ..data.shards import ShardDataset
 

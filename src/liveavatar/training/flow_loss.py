@@ -48,10 +48,13 @@ class FlowLossConfig:
     drop_text: float = 0.1               # probability of zeroing a clip's text embedding
     drop_audio: float = 0.1              # probability of zeroing a clip's audio features
     sink_evicted: float = 0.0            # Diffusion Forcing: fraction of clips whose sink leaves with the window
+    mouth_weight: float = 0.0            # squared errors inside the batch's mouth_region count 1 + this much more
 
     def __post_init__(self):
         if self.weighting not in ("none", "bell"):
             raise ValueError(f"loss.weighting must be none or bell, got {self.weighting!r}")
+        if self.mouth_weight < 0:
+            raise ValueError(f"loss.mouth_weight must not be negative, got {self.mouth_weight}")
         for name in ("drop_text", "drop_audio", "sink_evicted"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss.{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -140,7 +143,8 @@ class FlowMatchingLoss:
         """Loss of ``model`` on ``batch`` (the sample format of :mod:`liveavatar.data`):
         ``latents [B, C, F, h, w]``, ``reference [B, C, 1, h, w]``, ``audio [B, V, layers, feat]``,
         ``text [B, L, text_dim]``, optionally ``motion [B, C, K, h, w]`` and ``sink_motion [B, C, K', h, w]`` (the
-        FramePack motion latents of the sink, ``model.sink_motion``). Returns the scalar loss and per-batch
+        FramePack motion latents of the sink, ``model.sink_motion``) and ``mouth_region [B, F, h, w]``
+        (``loss.mouth_weight``). Returns the scalar loss and per-batch
         statistics for logging."""
         x0 = batch["latents"].float()
         b, _, frames = x0.shape[:3]
@@ -179,7 +183,14 @@ class FlowMatchingLoss:
         v = model(xt.to(dtype), t, text.to(dtype), audio=None if audio is None else audio.to(dtype),
                   causal=self.causal, reference=None if reference is None else reference.to(dtype), **placement)
         target = self.flow.velocity_target(x0, noise)
-        per_frame = F.mse_loss(v.float(), target, reduction="none").mean(dim=(1, 3, 4))  # [B, F]
+        squared = F.mse_loss(v.float(), target, reduction="none")   # [B, C, F, h, w]
+        if self.config.mouth_weight > 0:
+            # The audio decides only the mouth's few pixels; weighting them (as talking-head models weight a lip
+            # mask) makes the audio route's share of the loss large enough to learn from.
+            if batch.get("mouth_region") is None:
+                raise ValueError("loss.mouth_weight > 0: the batch has no mouth_region (data=toy makes them)")
+            squared = squared * (1.0 + self.config.mouth_weight * batch["mouth_region"].float()[:, None])
+        per_frame = squared.mean(dim=(1, 3, 4))  # [B, F]
         if self.config.weighting == "bell":
             per_frame = per_frame * self.flow.training_weight(t)
         if first_frame:
