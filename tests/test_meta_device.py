@@ -154,5 +154,48 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
     optimizer.step()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("policy", ["rolling", "absolute"])
+def test_a_diffusion_forcing_step_with_an_evicted_sink_on_the_device(dtype, policy):
+    # loss.sink_evicted: half the clips placed as engine.sink=evicted streams them (stream start, the sink hidden
+    # from the blocks past the window). Its draws happen on the host and are copied over; the placement (where,
+    # arange, the window mask) must be built on the device, and nothing may read a value back.
+    cfg = tiny_preset()
+    assert cfg.reference == "sink"
+    with META:
+        model = AvatarDiT(cfg).to(dtype).train()
+    positions = PositionPolicy(policy, cfg.frames_per_block, cfg.frames_per_block,  # a one-block window
+                               reference_position=cfg.reference_position, train_shift=10)
+    loss_fn = FlowMatchingLoss(FlowLossConfig(sink_evicted=0.5), causal=True, frames_per_block=cfg.frames_per_block,
+                               positions=positions)
+    blocks = 3  # past the one-block window: the later blocks' sink visibility depends on the eviction
+    frames = blocks * cfg.frames_per_block
+    batch = {
+        "latents": torch.randn(2, cfg.in_dim, frames, 8, 8, device=META),
+        "reference": torch.randn(2, cfg.in_dim, 1, 8, 8, device=META),
+        "audio": torch.randn(2, frames * cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
+                             device=META),
+        "text": torch.randn(2, 4, cfg.text_dim, device=META),
+    }
+    seen = {}
+    forward = model.forward
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = record
+    with torch.autocast(autocast_type(META), dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss, stats = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    # The evicted placement reached the model, on the device.
+    assert seen["sink_visible"].device == META and seen["sink_visible"].shape == (2, blocks)
+    assert seen["sink_visible"].dtype == torch.bool
+    assert seen["frame_pos"].device == META and seen["frame_pos"].shape == (2, frames)
+    assert seen["reference_pos"].device == META and seen["reference_pos"].shape == (2, frames // cfg.frames_per_block, 1)
+    assert loss.device == META and loss.shape == () and all(v.device == META for v in stats.values())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device == META for p in model.parameters() if p.requires_grad)
+    torch.optim.AdamW(model.parameters(), lr=1e-4).step()
+
 def test_autocast_maps_devices_without_a_backend():
     assert autocast_type(META) == "cpu" and autocast_type("cpu") == "cpu" and autocast_type("cuda:1") == "cuda"
