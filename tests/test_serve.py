@@ -1,5 +1,7 @@
-"""serve.py: the fragmented MP4 stream, the live audio's pacing, the queue, and whole sessions over a real socket
-(a plain WebSocket client, and headless Chromium with a fake microphone) on the tiny model with random weights."""
+"""serve.py: the fragmented MP4 stream, the live audio's pacing, the queue, the bounded outgoing queue of a slow client,
+and whole sessions over a real socket (a plain WebSocket client, and headless Chromium with a fake microphone) on the
+tiny model with random weights, in one process and through a TPP group (engine=tpp: 2 DiT ranks + the decoding rank,
+gloo)."""
 import asyncio
 import base64
 import io
@@ -509,25 +511,19 @@ def test_cli_refusals_are_one_line(tmp_path):
             assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
 
 
-@pytest.mark.slow
-def test_cli_tpp_settings_the_ranks_refuse_are_one_line_and_leave_no_rank_behind(tmp_path, tiny_checkpoint):
-    """Refused by the ranks once loaded (the sink switches before the pipeline is full): one line from the server,
-    status 2, every rank gone."""
-    mark = f"LIVEAVATAR_TEST_MARK={tmp_path.name}"  # inherited by the ranks: found by it if any is left
-    result = run_serve("engine=tpp", "denoise.steps=[1000,500]", "engine.sink_switch_block=1",
-                       f"checkpoint={tiny_checkpoint}", f"hydra.run.dir={tmp_path}/hydra", timeout=120,
-                       env={mark.split("=")[0]: tmp_path.name})
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: engine=tpp cannot switch the sink before block 2"), lines
-    left = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if mark.encode() in environ.read_bytes().split(b"\0"):
-                left.append(environ.parent.name)
-        except OSError:
-            pass
-    assert not left, left
+def test_tpp_settings_the_ranks_refuse_are_one_line_and_leave_no_rank_behind(tiny_checkpoint, capfd):
+    """Refused by the ranks once loaded (the sink switches before the pipeline is full): one line for the server to
+    print (``serve.py`` prints a UserError as ``error: ...``, exit status 2), nothing from the ranks, every rank
+    gone."""
+    from liveavatar.serving.tpp_group import TPPGroup
+
+    group = TPPGroup(serve_config(f"checkpoint={tiny_checkpoint}", "engine=tpp", "engine.sink_switch_block=1"))
+    with pytest.raises(UserError) as refused:
+        group._start()
+    assert str(refused.value).startswith("engine=tpp cannot switch the sink before block 2") and "\n" not in str(
+        refused.value)
+    assert all(p.poll() is not None for p in group._procs)
+    assert capfd.readouterr().err == ""  # the ranks' stderr is this process's: no traceback, no second line
 
 
 def test_tpp_needs_a_gpu_per_rank():
