@@ -1,14 +1,20 @@
+import contextlib
+import io
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from liveavatar.models import AvatarDiT, DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(2)
+# The machine's two cores, unless OMP_NUM_THREADS says otherwise. Beside other CPU jobs run the suite with
+# OMP_NUM_THREADS=1 (its subprocesses inherit it): there two threads per job mostly wait on each other, and the tiny
+# models' forwards get 10-20x slower.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2").split(",")[0] or 2))
 
 
 def tiny_config(**overrides) -> DiTConfig:
@@ -55,6 +61,39 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     randomise(AvatarDiT(tiny_preset()), std=0.05, seed=1).save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one CPU thread (then restore the count): as the tests' TPP ranks and ``OMP_NUM_THREADS=1``
+    subprocesses run. CPU kernels split reductions by thread count, so results compared with theirs to the last
+    bit (or to rounding) must come from one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compose_in(config_name: str, overrides) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, as its script's command line composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+def infer_in_process(overrides) -> str:
+    """Run ``infer.py overrides`` in this process (what its main does on success: ``liveavatar.inference.run`` on
+    the composed ``conf/infer.yaml``) on :func:`one_thread`, and return what it printed on stderr. Spares the fresh
+    interpreter, which spends about 10 s of CPU importing torch, diffusers and hydra."""
+    from liveavatar.inference import run
+
+    cfg, stderr = compose_in("infer", overrides), io.StringIO()
+    with one_thread(), contextlib.redirect_stderr(stderr):
+        run(cfg)
+    return stderr.getvalue()
 
 
 @pytest.fixture(autouse=True)

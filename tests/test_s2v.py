@@ -19,7 +19,7 @@ from liveavatar.engine.stream import EngineSettings, SequentialEngine, StreamCor
 from liveavatar.models import AvatarDiT, DiTConfig, from_preset
 from liveavatar.models.checkpoint import CheckpointError
 
-from conftest import randomise
+from conftest import infer_in_process, randomise
 from test_engine import FPB, LATENT, full_sequence_rollout
 
 DATA = Path(__file__).parent / "data"
@@ -244,17 +244,21 @@ def tiny_s2v_files(tmp_path_factory):
 
 
 def infer_s2v(files, out, *overrides, nproc=None):
+    """The frames infer.py writes: under torchrun with ``nproc`` ranks, else ``infer_in_process``."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
-                              else []) + [str(root / "infer.py")]
     args = ["model=tiny-s2v", f"checkpoint={files / 'dit'}", f"model.vae.path={files / 'vae'}", "max_seconds=1.0",
             "denoise.steps=[1000,500]", f"output.path={out}", "output.frames=true", *overrides]
-    result = subprocess.run(cmd + args, cwd=root, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(root / "infer.py")]
+        result = subprocess.run(cmd + args, cwd=root, capture_output=True, text=True, timeout=300,
+                                env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        infer_in_process(args)
     return np.load(Path(out).with_suffix(".frames.npy"))
 
 

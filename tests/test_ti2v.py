@@ -16,7 +16,7 @@ import torch
 
 from liveavatar.models import AvatarDiT, from_preset
 
-from conftest import randomise, tiny_config
+from conftest import infer_in_process, randomise, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +56,20 @@ def tiny_ti2v_files(tmp_path_factory):
 
 
 def infer_ti2v(files, out, *overrides, nproc=None):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
-                              else []) + [str(ROOT / "infer.py")]
+    """What infer.py prints on stderr and the frames it writes: under torchrun with ``nproc`` ranks, else
+    ``infer_in_process``."""
     args = ["model=tiny-ti2v", f"checkpoint={files / 'dit'}", f"model.vae.path={files / 'vae'}", "max_seconds=1.0",
             "engine=streamavatar", f"output.path={out}", "output.frames=true", *overrides]
-    result = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, np.load(Path(out).with_suffix(".frames.npy"))
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "infer.py")]
+        result = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderr = result.stderr
+    else:
+        stderr = infer_in_process(args)
+    return stderr, np.load(Path(out).with_suffix(".frames.npy"))
 
 
 @pytest.mark.distributed
@@ -71,8 +77,8 @@ def test_tiny_ti2v_checkpoint_streams_with_streamavatar_settings_through_every_e
     config = json.loads((tiny_ti2v_files / "dit" / "config.json").read_text())
     assert config["in_dim"] == 8 and len(list((tiny_ti2v_files / "dit").glob("*-of-*.safetensors"))) > 1
     # The base holds no audio modules: they are initialised at zero output, and the run says so.
-    result, sequential = infer_ti2v(tiny_ti2v_files, tmp_path / "seq.mp4")
-    assert "they start at zero output" in result.stderr
+    stderr, sequential = infer_ti2v(tiny_ti2v_files, tmp_path / "seq.mp4")
+    assert "they start at zero output" in stderr
     assert sequential.shape[0] >= 20 and sequential.std() > 1
     _, batched = infer_ti2v(tiny_ti2v_files, tmp_path / "batch.mp4", "engine.name=stream_batch")
     assert np.abs(batched.astype(int) - sequential.astype(int)).max() <= 1

@@ -14,7 +14,10 @@ from liveavatar import media
 from liveavatar.data import toy
 from liveavatar.engine.stream import EngineSettings
 from liveavatar.evaluation.toy_bench import ToyBenchSettings, run_toy_bench, stream_video
+from liveavatar.evaluation.toy_compare import compare
 from liveavatar.models import AvatarDiT, DiTConfig
+
+from conftest import compose_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,12 +79,11 @@ def test_compare_adds_the_distilled_student_and_the_few_step_stage1_rows(tmp_pat
     trained.save_pretrained(tmp_path / "stage1")
     student.save_pretrained(tmp_path / "stage2")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "toy_compare.py"), f"checkpoint={tmp_path / 'stage1'}", f"out={out}",
-         f"dmd_checkpoint={tmp_path / 'stage2'}", "clips=1", "seconds=0.6", "denoise.steps=[1000,750,500]",
-         "dmd_denoise.steps=[1000]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # In this process (what eval/toy_compare.py's main prints, without a fresh interpreter; the script itself is
+    # run by the test above): the direct streams below then run on the same threads as the report's.
+    printed = compare(compose_in("toy_compare", [f"checkpoint={tmp_path / 'stage1'}", f"out={out}",
+                                                 f"dmd_checkpoint={tmp_path / 'stage2'}", "clips=1", "seconds=0.6",
+                                                 "denoise.steps=[1000,750,500]", "dmd_denoise.steps=[1000]"]))
     report = json.loads((out / "report.json").read_text())
     assert report["forwards_per_block"] == {"trained": 3, "untrained": 3, "dmd": 1, "trained_1step": 1}
     bench = ToyBenchSettings(clips=1, seconds=0.6, seed=987654321)
@@ -94,7 +96,7 @@ def test_compare_adds_the_distilled_student_and_the_few_step_stage1_rows(tmp_pat
     gap = report["dmd_vs_trained"]
     assert gap["identity_error"] == pytest.approx(
         report["dmd"]["identity_error"] / report["trained"]["identity_error"] - 1)
-    assert "dmd behind trained" in result.stdout
+    assert "dmd behind trained" in printed
 
 
 def test_compare_errors_are_one_line(tmp_path):
@@ -108,15 +110,17 @@ def test_compare_errors_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_briefly_trained_model_beats_the_untrained_one_on_identity(tmp_path):
     """The small, fast version of the demo: Diffusion Forcing from scratch for a few dozen steps already moves
-    the streamed identity error far below the untrained model's."""
+    the streamed identity error far below the untrained model's. (150 steps of 4 clips: the trained model's
+    ratios to the untrained one measured 0.046 and 0.123 on the two clips, against the 0.3 asked; 150 steps of 8
+    clips gave 0.019 and 0.093 in twice the time, 60 steps of 8 failed at 0.78.)"""
     from hydra import compose, initialize_config_dir
 
     from liveavatar.training.launch import train
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=toy_df", "init_from=null", "data.latent_frames=6",
-                                          "trainer.max_steps=150", "optim.warmup_steps=5", "progress=false",
-                                          f"run.dir={tmp_path / 'run'}"])
+                                          "data.batch_size=4", "trainer.max_steps=150", "optim.warmup_steps=5",
+                                          "progress=false", f"run.dir={tmp_path / 'run'}"])
     train(cfg, tmp_path / "run")
     trained = AvatarDiT.from_pretrained(tmp_path / "run" / "model").eval()
     torch.manual_seed(0)
