@@ -141,8 +141,9 @@ class FlowMatchingModule(L.LightningModule):
         scale = float(self.optim.audio_lr_scale)
         if scale == 1.0:
             return [{"params": [p for _, p in named]}]
-        audio = [p for n, p in named if AvatarDiT.is_audio_parameter(n)]
-        rest = [p for n, p in named if not AvatarDiT.is_audio_parameter(n)]
+        audio, rest = [], []
+        for n, p in named:
+            (audio if AvatarDiT.is_audio_parameter(n) else rest).append(p)
         return [{"params": rest}] + ([{"params": audio, "lr": self.optim.lr * scale}] if audio else [])
 
     def configure_optimizers(self):
