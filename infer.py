@@ -3,7 +3,9 @@
 Configuration: ``conf/infer.yaml`` (Hydra overrides on the command line). The logic is in
 ``liveavatar.inference``.
 """
+import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -13,7 +15,7 @@ from liveavatar.cli import check_group_choices, fail
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from liveavatar.engine.tpp import PeerFailure
+    from liveavatar.engine.tpp import PeerFailure, describe_failure
     from liveavatar.inference import UserError, run
 
     try:
@@ -22,6 +24,12 @@ def main(cfg: DictConfig) -> None:
         fail(str(err))
     except PeerFailure as err:
         fail(f"tpp stopped: {err}", 3)
+    except Exception as err:
+        if cfg.engine.name != "tpp":
+            raise
+        # The failed rank says so itself: torchrun may stop the other ranks before their watchdogs print the line.
+        traceback.print_exc()
+        fail(f"tpp stopped: {describe_failure(int(os.environ.get('RANK', -1)), err)}", 3)
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)

@@ -173,6 +173,11 @@ class PeerFailure(RuntimeError):
     """Another rank failed; the message names it and its error."""
 
 
+def describe_failure(rank: int, err: BaseException) -> str:
+    """The one line that names a failed rank and its error, as every rank of the group prints it."""
+    return f"rank {rank}: {type(err).__name__}: {err}"
+
+
 class Watchdog:
     """Stops this rank, in bounded time, when another rank reports a failure in the rendezvous store.
 
@@ -208,7 +213,7 @@ class Watchdog:
         """Publish this rank's failure; the first failure of the run wins."""
         try:
             if self.store.add(ERROR_KEY + "/count", 1) == 1:
-                self.store.set(ERROR_KEY, f"rank {self.rank}: {type(err).__name__}: {err}")
+                self.store.set(ERROR_KEY, describe_failure(self.rank, err))
         except Exception:
             pass
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from .. import media
 from ..components import UserError
-from ..engine.tpp import PeerFailure
+from ..engine.tpp import PeerFailure, describe_failure
 from ..pipeline import live_feature_blocks
 from ..tpp_pipeline import TPPPipeline
 
@@ -128,7 +128,7 @@ def main() -> int:
         return 3
     except BaseException as err:  # noqa: BLE001 - the server names the rank and the error, and shows the traceback
         # of the failure that stopped the group (not that of a rank that failed because a peer had died).
-        inbox.send(("error", rank, f"rank {rank}: {type(err).__name__}: {err}", False, traceback.format_exc()))
+        inbox.send(("error", rank, describe_failure(rank, err), False, traceback.format_exc()))
         return 3
     finally:
         if pipe is not None:
