@@ -129,7 +129,9 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
     # (rapr caps the distance to a reference behind the clip; the s2v reference sits ahead, at position 30)
     positions = PositionPolicy("rolling" if cfg.family == "s2v" else "rapr", cfg.frames_per_block, 3,
                                reference_position=cfg.reference_position, max_distance=5, train_shift=10)
-    loss_fn = FlowMatchingLoss(FlowLossConfig(), causal=stage == "diffusion_forcing",
+    # Diffusion Forcing also weights the mouth (loss.mouth_weight: the region is a batch tensor, used on the device).
+    mouth_weight = 20.0 if stage == "diffusion_forcing" else 0.0
+    loss_fn = FlowMatchingLoss(FlowLossConfig(mouth_weight=mouth_weight), causal=stage == "diffusion_forcing",
                                frames_per_block=cfg.frames_per_block, positions=positions)
     frames = 2 * cfg.frames_per_block
     batch = {
@@ -139,6 +141,8 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
                              device=META),
         "text": torch.randn(2, 4, cfg.text_dim, device=META),
     }
+    if mouth_weight:
+        batch["mouth_region"] = torch.zeros(2, frames, 8, 8, device=META)
     if cfg.family == "s2v":  # tiny-s2v trains with the sink's FramePack motion tokens, as it streams
         batch["sink_motion"] = torch.randn(2, cfg.in_dim, 19, 8, 8, device=META)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.0, 0.999))

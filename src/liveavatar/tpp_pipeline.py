@@ -115,9 +115,7 @@ class TPPPipeline:
                 raise UserError("audio: shorter than one video frame")
             listen = None if listen_audio is None else read_waveform(listen_audio, max_seconds)
             speaking = speaking_mask(self.dit, wav, listen, audio_mask, video_frames, self.fps)
-            reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
-            motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit,
-                                          self.settings)
+            reference, motion = self._reference_latents(pixels)
             context = prompt_context(self.prompt if prompt is None else prompt, self.components, self.dit, self.device)
             total = blocks_for(video_frames, self.dit.frames_per_block, self.dit.video_frames_per_latent)
             stage = None
@@ -127,17 +125,9 @@ class TPPPipeline:
             if self.rank == 0:
                 feed = tpp.AudioFeed(feature_blocks(self.audio_encoder, wav, video_frames, self.fps, self.dit,
                                                     self.audio_options, listen, speaking))
-            dist.barrier()
-            self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
-            if stage is not None:
-                x0s = stage.run(feed)
-                if not self.is_output:
-                    for _ in x0s:
-                        pass
-                    self._end()
-                    return None
-            else:
-                x0s = tpp.receive_blocks(self.channel, self.layout.steps - 1)
+            x0s = self._start(stage, feed)
+            if x0s is None:
+                return None
             blocks = self._guarded(decode_blocks(self.components.vae, x0s, video_frames))
             return AvatarStream(blocks, self.fps, np.asarray(wav, dtype=np.float32), total, video_frames)
 
@@ -152,11 +142,31 @@ class TPPPipeline:
         except ValueError as err:
             raise UserError(str(err)) from err
 
+    def _reference_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference image ``[3, H, W]`` as latents ``[1, C, 1, h, w]`` and, for a model that takes them, the
+        still motion latents."""
+        image = pixels[None, :, None].to(self.device)
+        reference = self.components.vae.encode(image).to(self.dtype)
+        return reference, still_motion_latents(self.components.vae, image, self.dit, self.settings)
+
     def _live_stage(self, pixels: torch.Tensor, seed: int | None, options: tpp.StageOptions) -> tpp.DiTStage:
-        reference = self.components.vae.encode(pixels[None, :, None].to(self.device)).to(self.dtype)
-        motion = still_motion_latents(self.components.vae, pixels[None, :, None].to(self.device), self.dit,
-                                      self.settings)
+        reference, motion = self._reference_latents(pixels)
         return self._stage(reference, motion, self._context, seed, options)
+
+    def _start(self, stage: tpp.DiTStage | None, feed: tpp.AudioFeed | None) -> Iterator | None:
+        """Meet the group and run this rank's part of one request. Returns the clean latents ``(block, x0)`` that
+        the output rank decodes; None on a DiT rank that is not the output rank, once its part is done."""
+        dist.barrier()
+        self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
+        if stage is None:
+            return tpp.receive_blocks(self.channel, self.layout.steps - 1)
+        x0s = stage.run(feed)
+        if self.is_output:
+            return x0s
+        for _ in x0s:
+            pass
+        self._end()
+        return None
 
     @torch.no_grad()
     def prepare_live(self) -> None:
@@ -191,18 +201,12 @@ class TPPPipeline:
             options = dataclasses.replace(self.stage_options, skip=skip)
             stage = self._live_stage(pixels, seed, options) if self.layout.is_dit(self.rank) else None
             feed = tpp.AudioFeed(features) if self.rank == 0 else None
-            dist.barrier()
-            self._started = (time.perf_counter(), self.stats.wait_s, self.stats.send_s)
+            x0s = self._start(stage, feed)
+            if x0s is None:
+                return None
             if stage is not None:
-                x0s = stage.run(feed)
-                if not self.is_output:
-                    for _ in x0s:
-                        pass
-                    self._end()
-                    return None
                 upstream = lambda: stage.cost_s  # noqa: E731
             else:
-                x0s = tpp.receive_blocks(self.channel, self.layout.steps - 1)
                 upstream = lambda: self.channel.received_cost_s  # noqa: E731
         return self._guarded(self._decode_live(x0s, upstream, skip))
 
