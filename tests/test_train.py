@@ -346,6 +346,13 @@ def test_experiments_compose_and_the_14b_recipe_is_bf16_fsdp_lora():
     assert teacher.stage == "teacher" and df.stage == "diffusion_forcing"
     assert df.init_from == "outputs/train/toy_teacher/model"
     assert df.data.latent_frames % df.model.dit.frames_per_block == 0
+    # The sink model that learns lip sync: clips of its streaming window plus the current block, RAPR's cap beyond
+    # the window, from scratch, the mouth weighted.
+    mouth = compose_train("experiment=toy_df_sink_mouth")
+    blocks = mouth.data.latent_frames // mouth.model.dit.frames_per_block
+    assert mouth.model.dit.reference == "sink" and blocks == mouth.model.window_blocks + 1 == 5
+    assert mouth.model.rope.max_distance > mouth.model.window_blocks * mouth.model.dit.frames_per_block
+    assert mouth.init_from is None and mouth.loss.mouth_weight > 0
     big = compose_train("experiment=liveavatar_14b_df", "init_from=/ckpt", "data.path=/shards")
     assert big.model.name == "liveavatar-14b" and big.model.dit.family == "s2v"  # from the S2V base, as the paper
     assert big.trainer.precision == "bf16-true"

@@ -112,11 +112,12 @@ class FrameKeeper:
 
 def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path: Path,
                 keep: dict[str, slice] | None = None, listen: np.ndarray | None = None,
-                speaking: np.ndarray | str | None = None) -> StreamedCase | None:
+                speaking: np.ndarray | str | None = None, progress: bool = False) -> StreamedCase | None:
     """Stream one case, writing ``video_path`` (with its audio) as blocks arrive; time it as a live client would.
     ``pipe``: a :class:`LiveAvatarPipeline` or, on a rank of a TPP group, a :class:`TPPPipeline` (None on the ranks
     that do not output). ``keep``: hold only these frame ranges for scoring (None: every frame). ``listen``,
-    ``speaking``: a conversation's other voice and turns (a listening model)."""
+    ``speaking``: a conversation's other voice and turns (a listening model). ``progress``: a bar over the case's blocks
+    (a long case streams for minutes)."""
     fps = pipe.fps
     stream = pipe.stream(image, wav, prompt, seed=seed, listen_audio=listen, audio_mask=speaking)
     if stream is None:
@@ -124,8 +125,11 @@ def stream_case(pipe, image, wav: np.ndarray, prompt: str, seed: int, video_path
     keeper = FrameKeeper(keep)
     start = time.perf_counter()
     first_block_s, first_frames = None, 0
-    with media.VideoWriter(video_path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer:
+    with media.VideoWriter(video_path, fps=fps, audio=wav, sample_rate=SAMPLE_RATE) as writer, \
+            tqdm(total=stream.blocks, unit="block", desc=video_path.parent.name, leave=False,
+                 disable=not progress) as bar:
         for block in stream:
+            bar.update()
             if first_block_s is None:
                 first_block_s, first_frames = time.perf_counter() - start, block.frames.shape[0]
             writer.write(block.frames)
@@ -161,7 +165,7 @@ def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg
     if total * 3 * height * width > float(cfg.keep_whole_gb) * 2**30:  # too long to hold: score the windows only
         keep = {name: frames for name, frames, _ in window_slices(total, pipe.fps, windows)}
     streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4", keep,
-                           inputs.listen_wav, inputs.speaking)
+                           inputs.listen_wav, inputs.speaking, progress=scorer is not None and cfg.get("progress", True))
     if streamed is None:
         return None
     reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
