@@ -118,6 +118,17 @@ def test_streaming_vae_decode_on_the_device(dtype):
     assert patch.device == META and patch.shape == (1, 3, 3, 16, 16)
 
 
+def meta_batch(cfg: DiTConfig, frames: int) -> dict[str, torch.Tensor]:
+    """A training batch of two clips of ``frames`` latent frames on the meta device."""
+    return {
+        "latents": torch.randn(2, cfg.in_dim, frames, 8, 8, device=META),
+        "reference": torch.randn(2, cfg.in_dim, 1, 8, 8, device=META),
+        "audio": torch.randn(2, frames * cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
+                             device=META),
+        "text": torch.randn(2, 4, cfg.text_dim, device=META),
+    }
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("stage", ["teacher", "diffusion_forcing"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-s2v"])
@@ -134,13 +145,7 @@ def test_one_training_step_on_the_device(stage, dtype, preset):
     loss_fn = FlowMatchingLoss(FlowLossConfig(mouth_weight=mouth_weight), causal=stage == "diffusion_forcing",
                                frames_per_block=cfg.frames_per_block, positions=positions)
     frames = 2 * cfg.frames_per_block
-    batch = {
-        "latents": torch.randn(2, cfg.in_dim, frames, 8, 8, device=META),
-        "reference": torch.randn(2, cfg.in_dim, 1, 8, 8, device=META),
-        "audio": torch.randn(2, frames * cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
-                             device=META),
-        "text": torch.randn(2, 4, cfg.text_dim, device=META),
-    }
+    batch = meta_batch(cfg, frames)
     if mouth_weight:
         batch["mouth_region"] = torch.zeros(2, frames, 8, 8, device=META)
     if cfg.family == "s2v":  # tiny-s2v trains with the sink's FramePack motion tokens, as it streams
@@ -174,13 +179,7 @@ def test_a_diffusion_forcing_step_with_an_evicted_sink_on_the_device(dtype, poli
                                positions=positions)
     blocks = 3  # past the one-block window: the later blocks' sink visibility depends on the eviction
     frames = blocks * cfg.frames_per_block
-    batch = {
-        "latents": torch.randn(2, cfg.in_dim, frames, 8, 8, device=META),
-        "reference": torch.randn(2, cfg.in_dim, 1, 8, 8, device=META),
-        "audio": torch.randn(2, frames * cfg.video_frames_per_latent, cfg.audio_layers_in, cfg.audio_feature_dim,
-                             device=META),
-        "text": torch.randn(2, 4, cfg.text_dim, device=META),
-    }
+    batch = meta_batch(cfg, frames)
     seen = {}
     forward = model.forward
 
