@@ -96,6 +96,21 @@ def test_mismatches_are_listed_in_one_error(tmp_path):
     assert "blocks.0.ffn.0.weight: checkpoint (7, 48) vs model (96, 48)" in message
 
 
+def test_a_config_that_contradicts_the_checkpoints_in_what_shapes_cannot_show_is_refused(tmp_path):
+    # Two heads or four over the same width: the same weight shapes, another model. Loading a 2-head checkpoint
+    # into the 4-head preset would stream noise without a word.
+    saved = randomise(AvatarDiT(tiny_config(num_heads=2, audio_dim=16, audio_feature_dim=8, audio_blocks=[0],
+                                            audio_feature_norm="none")))
+    saved.save_pretrained(tmp_path)
+    preset = tiny_config(num_heads=4, audio_dim=16, audio_feature_dim=8, audio_blocks=[0], audio_feature_norm="layer")
+    with pytest.raises(CheckpointError, match=r"num_heads=2, audio_feature_norm='none'.*"
+                                              r"pass model.dit.num_heads=2 model.dit.audio_feature_norm=none"):
+        AvatarDiT.from_pretrained(tmp_path, config=preset)
+    agreeing = tiny_config(num_heads=2, audio_dim=16, audio_feature_dim=8, audio_blocks=[0], audio_feature_norm="none")
+    loaded = AvatarDiT.from_pretrained(tmp_path, config=agreeing)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_unreadable_checkpoints_raise_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         AvatarDiT.from_pretrained(tmp_path / "nowhere")

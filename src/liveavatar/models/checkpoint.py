@@ -160,6 +160,20 @@ def _is_diffusers(raw_config: dict | None, keys) -> bool:
         k.startswith("condition_embedder.") for k in keys)
 
 
+# Architecture fields that change the computation but no weight's shape: a config that differs from the checkpoint's
+# own config.json in one of them would load without complaint and compute something else.
+UNSEEN_BY_SHAPES = ("num_heads", "rope_theta", "audio_feature_norm")
+
+
+def unseen_differences(ckpt_config: dict | None, config: DiTConfig) -> list[tuple[str, object, object]]:
+    """``(field, checkpoint's value, config's value)`` for each of :data:`UNSEEN_BY_SHAPES` that the checkpoint's
+    config.json states and ``config`` contradicts."""
+    if not ckpt_config:
+        return []
+    return [(k, ckpt_config[k], getattr(config, k)) for k in UNSEEN_BY_SHAPES
+            if k in ckpt_config and ckpt_config[k] != getattr(config, k)]
+
+
 def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dtype | None = None, device="cpu"):
     """Build an :class:`AvatarDiT` and load ``path`` into it (see the module doc for formats and rules).
 
@@ -210,6 +224,13 @@ def load_dit(path: str | Path, config: DiTConfig | None = None, dtype: torch.dty
         problems.append(f"shape mismatches ({len(shapes)}): {_short(shapes)}")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
+    unseen = unseen_differences(ckpt_config, config)
+    if unseen:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with " + ", ".join(f"{k}={ckpt!r}" for k, ckpt, _ in unseen)
+            + " but the model config says " + ", ".join(f"{k}={ours!r}" for k, _, ours in unseen)
+            + " (the weights fit either way, the computation does not); pass "
+            + " ".join(f"model.dit.{k}={ckpt}" for k, ckpt, _ in unseen))
 
     target = dtype or next(iter(headers.values()))[1]
     for f in files:  # one shard at a time
