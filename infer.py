@@ -3,7 +3,6 @@
 Configuration: ``conf/infer.yaml`` (Hydra overrides on the command line). The logic is in
 ``liveavatar.inference``.
 """
-import os
 import sys
 import traceback
 
@@ -15,21 +14,17 @@ from liveavatar.cli import check_group_choices, fail
 
 @hydra.main(config_path="conf", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from liveavatar.engine.tpp import PeerFailure, describe_failure
+    from liveavatar.engine.tpp import GroupFailure, RankFailure
     from liveavatar.inference import UserError, run
 
     try:
         report = run(cfg)
     except UserError as err:
         fail(str(err))
-    except PeerFailure as err:
+    except GroupFailure as err:
+        if isinstance(err, RankFailure):  # this rank's own error: its traceback, then the line every rank prints
+            traceback.print_exception(err.__cause__)
         fail(f"tpp stopped: {err}", 3)
-    except Exception as err:
-        if cfg.engine.name != "tpp":
-            raise
-        # The failed rank says so itself: torchrun may stop the other ranks before their watchdogs print the line.
-        traceback.print_exc()
-        fail(f"tpp stopped: {describe_failure(int(os.environ.get('RANK', -1)), err)}", 3)
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         sys.exit(130)

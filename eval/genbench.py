@@ -10,6 +10,7 @@ TPP: ``torchrun --nproc_per_node=N+1 eval/genbench.py engine=tpp ...``: every ra
 rank writes and scores.
 """
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig, open_dict
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from liveavatar.components import UserError
-    from liveavatar.engine.tpp import PeerFailure
+    from liveavatar.engine.tpp import GroupFailure, RankFailure
     from liveavatar.evaluation.genbench import GenBenchError, run_genbench
     from liveavatar.evaluation.genbench_report import md_table
     from liveavatar.models.checkpoint import CheckpointError
@@ -35,7 +36,9 @@ def main(cfg: DictConfig) -> None:
         results = run_genbench(cfg)
     except (GenBenchError, UserError, CheckpointError) as err:
         fail(str(err))
-    except PeerFailure as err:
+    except GroupFailure as err:
+        if isinstance(err, RankFailure):
+            traceback.print_exception(err.__cause__)
         fail(f"tpp stopped: {err} (finished cases are kept; the same command continues)", 3)
     except KeyboardInterrupt:
         fail("interrupted: finished cases are kept; the same command continues", 130)

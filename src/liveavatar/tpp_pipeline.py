@@ -84,15 +84,18 @@ class TPPPipeline:
 
     @contextlib.contextmanager
     def guard(self):
-        """Publish this rank's failure to the others, or turn a peer's into
-        :class:`~liveavatar.engine.tpp.PeerFailure`."""
+        """Publish this rank's failure to the others and raise it as :class:`~liveavatar.engine.tpp.RankFailure`, or
+        turn a peer's into :class:`~liveavatar.engine.tpp.PeerFailure`."""
         try:
             yield
         except BaseException as err:
             if self.watchdog.peer_error is not None:
                 raise tpp.PeerFailure(self.watchdog.peer_error) from err
-            if not isinstance(err, UserError):  # a user error is raised alike on every rank (same inputs)
-                self.watchdog.report(err)
+            if isinstance(err, (UserError, tpp.GroupFailure)):  # a user error is raised alike on every rank
+                raise
+            self.watchdog.report(err)
+            if isinstance(err, Exception):  # not GeneratorExit or KeyboardInterrupt: those keep their meaning
+                raise tpp.RankFailure(tpp.describe_failure(self.rank, err)) from err
             raise
 
     @torch.no_grad()

@@ -169,8 +169,17 @@ class ComputeClock:
         return self.last_s
 
 
-class PeerFailure(RuntimeError):
-    """Another rank failed; the message names it and its error."""
+class GroupFailure(RuntimeError):
+    """A TPP group stopped because one rank failed; the message names that rank and its error."""
+
+
+class PeerFailure(GroupFailure):
+    """Another rank failed."""
+
+
+class RankFailure(GroupFailure):
+    """This rank failed (its own error is ``__cause__``) and has told the others. Raised by the failed rank itself,
+    so that the line naming it is printed even when the launcher stops the other ranks before their watchdogs do."""
 
 
 def describe_failure(rank: int, err: BaseException) -> str:

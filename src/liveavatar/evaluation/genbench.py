@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .. import atomic, media
 from ..components import SAMPLE_RATE, UserError, frames_in
-from ..engine.tpp import PeerFailure
+from ..engine.tpp import GroupFailure
 from ..metrics.toy import identity_error, interaction_scores
 from ..pipeline import LiveAvatarPipeline
 from .scoring import Scorer, parse_windows, score_case, window_slices
@@ -230,7 +230,7 @@ def run_genbench(cfg: DictConfig, pipe: LiveAvatarPipeline | None = None) -> dic
                 continue
             try:
                 record = run_case(pipe, scorer, case, folder, windows, cfg)
-            except PeerFailure:
+            except GroupFailure:  # a rank of the TPP group failed: every rank stops
                 raise
             except (UserError, SuiteError, media.MediaError, ValueError, RuntimeError, OSError) as err:
                 line = str(err).splitlines()[0] if str(err) else type(err).__name__

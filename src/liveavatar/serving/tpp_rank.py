@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from .. import media
 from ..components import UserError
-from ..engine.tpp import PeerFailure, describe_failure
+from ..engine.tpp import PeerFailure, RankFailure, describe_failure
 from ..pipeline import live_feature_blocks
 from ..tpp_pipeline import TPPPipeline
 
@@ -125,6 +125,9 @@ def main() -> int:
         inbox.send(("error", rank, str(err), True, None))
         return 2
     except (PeerFailure, KeyboardInterrupt):  # another rank failed and has said so
+        return 3
+    except RankFailure as err:  # this rank's own failure, already named
+        inbox.send(("error", rank, str(err), False, "".join(traceback.format_exception(err.__cause__))))
         return 3
     except BaseException as err:  # noqa: BLE001 - the server names the rank and the error, and shows the traceback
         # of the failure that stopped the group (not that of a rank that failed because a peer had died).
