@@ -37,7 +37,7 @@ demo: $(STAMP)
 		"toy_long.windows=[[0,5],[25,30]]" model.dit.reference=sink model.window_blocks=2 model.rope.max_distance=8 \
 		denoise.shift=1.0 engine.sink=none,reference,aas model.rope.policy=absolute,rolling,rapr out=outputs/demo/sink_rope
 
-# Issue 15's sink model (lip sync 0.95, identity error 0.08 after its 3200 steps, about 38 min alone on the 2-core CPU)
+# Issue 15's sink model (lip sync 0.95, identity error 0.08 after its 3200 steps, 26-38 min alone on the 2-core CPU)
 # and its 10-minute stream with the Adaptive Attention Sink and with the sink evicted (each about 8-15 min):
 # outputs/long_horizon/identity_over_time.png. Not part of `make demo` yet: it alone is over the demo's budget.
 long-horizon: $(STAMP)

@@ -164,8 +164,9 @@ def run_case(pipe, scorer: Scorer | None, case: Case, folder: Path, windows, cfg
     height, width = pipe.components.resolution
     if total * 3 * height * width > float(cfg.keep_whole_gb) * 2**30:  # too long to hold: score the windows only
         keep = {name: frames for name, frames, _ in window_slices(total, pipe.fps, windows)}
+    shown = scorer is not None and cfg.get("progress", True)  # the output rank, unless progress=false
     streamed = stream_case(pipe, inputs.image, inputs.wav, case.prompt, int(cfg.seed), folder / "video.mp4", keep,
-                           inputs.listen_wav, inputs.speaking, progress=scorer is not None and cfg.get("progress", True))
+                           inputs.listen_wav, inputs.speaking, progress=shown)
     if streamed is None:
         return None
     reference = inputs.image if isinstance(inputs.image, torch.Tensor) else \
